@@ -1,0 +1,195 @@
+"""The `reward` stage: train a scalar reward model on preference pairs with TRL's RewardTrainer.
+
+Writes `<run_dir>/reward/model/` (a plain `AutoModelForSequenceClassification` folder with its
+tokenizer; `config.reward_mean` / `config.reward_std` hold the normalisation that puts the
+reference policy's responses at mean 0) and `<run_dir>/reward/metrics.json` (held-out accuracy
+against the labels and, for simulated pairs, against the noiseless gold order; Spearman
+correlation of RM scores with gold scores).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import PipelineConfig
+from rlhf.utils import UserError, atomic_dir, atomic_write_json, read_jsonl
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = torch.tensor(ranks(x)), torch.tensor(ranks(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.norm() * ry.norm()).item()
+    return float((rx * ry).sum().item() / denom) if denom > 0 else float("nan")
+
+
+def evaluate_pairs(model, tokenizer, pairs: list[dict[str, Any]], max_length: int, batch_size: int = 32) -> dict:
+    """Held-out accuracy (vs labels, vs noiseless gold order) and Spearman(RM score, gold score)."""
+    from reward_models.model import score_texts
+
+    if not pairs:
+        return {}
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_length, batch_size, False)
+    rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_length, batch_size, False)
+    metrics = {"accuracy": (chosen > rejected).float().mean().item(), "pairs": len(pairs)}
+    if "chosen_gold" in pairs[0]:
+        gold_c = torch.tensor([p["chosen_gold"] for p in pairs])
+        gold_r = torch.tensor([p["rejected_gold"] for p in pairs])
+        decided = gold_c != gold_r
+        rm_says_c = (chosen > rejected).cpu()
+        metrics["gold_accuracy"] = (rm_says_c == (gold_c > gold_r))[decided].float().mean().item()
+        metrics["spearman_gold"] = spearman(torch.cat([chosen, rejected]).tolist(), torch.cat([gold_c, gold_r]).tolist())
+    return metrics
+
+
+class _ForwardLogs:
+    """A TrainerCallback that forwards RewardTrainer's logs to our Tracker."""
+
+    def __new__(cls, tracker):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    tracker.log({f"reward/{k}": v for k, v in logs.items() if isinstance(v, (int, float))},
+                                step=state.global_step)
+
+        return Callback()
+
+
+def reference_responses(cfg: PipelineConfig, pairs: list[dict[str, Any]], simulated: bool) -> tuple[list, list[str]]:
+    """(prompts, responses) of the reference policy for normalisation: the simulated samples when the
+    pairs came from the policy, else fresh samples on training prompts."""
+    if simulated:
+        seen, prompts, responses = set(), [], []
+        for p in pairs:
+            for text in (p["chosen"], p["rejected"]):
+                key = (repr(p["prompt"]), text)
+                if key not in seen:
+                    seen.add(key)
+                    prompts.append(p["prompt"])
+                    responses.append(text)
+        return prompts[: max(cfg.reward.normalize_samples, 2)], responses[: max(cfg.reward.normalize_samples, 2)]
+    from rlhf.generation import generate_texts, stop_token_ids
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.prompts import encode_prompts, load_prompts
+
+    tok = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
+    prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split,
+                           limit=cfg.reward.normalize_samples)
+    enc = encode_prompts(prompts, tok, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
+                         cfg.model.use_chat_template, cfg.model.system_prompt)
+    policy = load_causal_lm(cfg.model.policy, torch.float32, cfg.model.trust_remote_code).eval()
+    torch.manual_seed(cfg.run.seed)
+    texts = generate_texts(policy, tok, enc.input_ids, cfg.ppo.max_new_tokens, cfg.ppo.temperature,
+                           cfg.prefs.batch_size, stop_token_ids(tok, cfg.ppo.stop_tokens), progress="reference samples")
+    return enc.prompts, texts
+
+
+def build_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: int, use_margin: bool):
+    """Pre-tokenised pairs (chosen_ids / rejected_ids [/ margin]) in the exact format used for scoring."""
+    import datasets
+
+    from reward_models.model import encode_pairs
+
+    prompts = [p["prompt"] for p in pairs]
+    data = {"chosen_ids": encode_pairs(tokenizer, prompts, [p["chosen"] for p in pairs], max_length),
+            "rejected_ids": encode_pairs(tokenizer, prompts, [p["rejected"] for p in pairs], max_length)}
+    if use_margin:
+        if any("margin" not in p for p in pairs):
+            raise UserError("reward.use_margin is set but some preference pairs have no margin")
+        data["margin"] = [p["margin"] for p in pairs]
+    return datasets.Dataset.from_dict(data)
+
+
+def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
+    """The reward stage: train, evaluate, normalise and save the reward model to `<run_dir>/reward/model`."""
+    from rich.console import Console
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf.models import default_dtype, load_reward_model, load_tokenizer
+    from rlhf.pipeline import require_done
+    from rlhf.tracking import Tracker
+    from reward_models.model import score_texts
+
+    console = Console(stderr=True)
+    prefs_dir = require_done(cfg, run_dir, "prefs", "reward")
+    train_pairs, test_pairs = read_jsonl(prefs_dir / "train.jsonl"), read_jsonl(prefs_dir / "test.jsonl")
+    out = Path(run_dir) / "reward"
+    out.mkdir(parents=True, exist_ok=True)
+    rc = cfg.reward
+    backbone = rc.backbone or cfg.model.policy
+    tokenizer = load_tokenizer(backbone, cfg.model.trust_remote_code, padding_side="right")
+    use_gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
+    dtype = default_dtype(cfg.model.dtype, "cuda" if use_gpu else "cpu")
+    model = load_reward_model(backbone, dtype, cfg.model.trust_remote_code, rc.num_layers)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    peft_config = None
+    if rc.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="SEQ_CLS", r=rc.lora_r, lora_alpha=2 * rc.lora_r,
+                                 target_modules="all-linear", lora_dropout=0.0)
+    train_ds = build_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
+    tracker = Tracker(cfg, "reward", out)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        args = RewardConfig(
+            output_dir=tmp, per_device_train_batch_size=rc.batch_size,
+            gradient_accumulation_steps=rc.gradient_accumulation_steps, num_train_epochs=rc.epochs,
+            learning_rate=rc.learning_rate, lr_scheduler_type="linear", warmup_steps=0.05, logging_steps=5,
+            save_strategy="no", report_to="none", max_length=None,
+            center_rewards_coefficient=rc.center_rewards_coefficient, disable_dropout=True, seed=cfg.run.seed,
+            use_cpu=not use_gpu, bf16=use_gpu and dtype == torch.bfloat16, dataloader_num_workers=0,
+            remove_unused_columns=False,
+        )
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                                peft_config=peft_config, callbacks=[_ForwardLogs(tracker)])
+        trainer.train()
+        model = trainer.model
+    if rc.lora:
+        model = model.merge_and_unload()
+    model.eval()
+
+    metrics = {"train_pairs": len(train_pairs)}
+    metrics.update({f"test_{k}": v for k, v in evaluate_pairs(model, tokenizer, test_pairs, rc.max_length).items()})
+    simulated = bool(train_pairs) and "chosen_gold" in train_pairs[0]
+    prompts, responses = reference_responses(cfg, train_pairs, simulated)
+    raw = score_texts(model, tokenizer, prompts, responses, rc.max_length, normalize=False)
+    mean = raw.mean().item()
+    std = raw.std().item() if rc.normalize_std and len(raw) > 1 else 1.0
+    if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
+        raise RuntimeError(f"reward model produced invalid scores on reference responses (mean {mean}, std {std})")
+    model.config.reward_mean, model.config.reward_std = mean, std
+    metrics.update(reference_raw_mean=mean, reference_raw_std=std, reference_samples=len(raw))
+
+    with atomic_dir(out / "model") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    atomic_write_json(out / "metrics.json", metrics)
+    tracker.log({f"reward/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
+    tracker.log_summary(metrics)
+    tracker.finish()
+    console.print("reward: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in metrics.items()))
+    return out / "model"

@@ -1,0 +1,500 @@
+"""Typed configuration of a pipeline run: one dataclass per section, loaded from YAML plus overrides.
+
+    cfg = load_config("configs/default.yaml", ["ppo.kl_coef=0.1", "run.output_dir=runs/try"])
+
+Every value is checked before any work starts: unknown keys (with a close match when there is
+one), wrong types, missing required values and sizes that do not divide evenly all raise
+`ConfigError` with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration file or override."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `wandb: off` stays the string "off"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _ch in "tTfF":
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list(_ch))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Name of the run: the W&B group and the default run directory name."""
+    output_dir: str = "runs/default"
+    """Run directory: every stage reads and writes its artifacts under it."""
+    seed: int = 0
+    """Seed shared by all stages."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run; `auto` is a GPU when one is visible, else the CPU."""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (one per core)."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "smollm2-135m-instruct"
+    """Policy (and reference) model: a hub name, a local folder, or the alias of the embedded default."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: `auto` is bf16 on a GPU that supports it and fp32 otherwise."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless you trust the model's author."""
+    use_chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template when it has one."""
+    system_prompt: str | None = None
+    """System message for chat templates; None keeps the template's own default."""
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = "seeds/prompts/sentiment_train.jsonl"
+    """Training prompts: a seeds/ file, a local JSONL/JSON/CSV/Parquet/TXT file, or a hub dataset name."""
+    test_prompts: str = "seeds/prompts/sentiment_test.jsonl"
+    """Held-out prompts for evaluation, same forms as `train_prompts`."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (a string, or a list of chat messages)."""
+    split: str = "train"
+    """Split to read when a prompt source is a hub dataset."""
+    test_split: str = "test"
+    """Split of `test_prompts` when it is a hub dataset."""
+    max_prompt_tokens: int = 64
+    """Prompts longer than this (after the chat template) are truncated or dropped."""
+    long_prompts: Literal["truncate_left", "drop"] = "truncate_left"
+    """What to do with a prompt over `max_prompt_tokens`."""
+    max_train_prompts: int = 0
+    """Use at most this many training prompts (0: all)."""
+
+
+@dataclass
+class NoiseConfig:
+    bt_temperature: float = 0.0
+    """Bradley-Terry annotator: P(prefer a) = sigmoid((gold_a - gold_b) / T); 0 means a noiseless choice."""
+    flip_rate: float = 0.0
+    """Probability that an annotator's label is flipped after the choice."""
+
+
+@dataclass
+class PrefsConfig:
+    source: Literal["simulate", "load"] = "simulate"
+    """`simulate`: sample responses and label them with the gold judge; `load`: read pairs from `dataset`."""
+    dataset: str | None = None
+    """Preference dataset for `source: load` (hub name or local file)."""
+    dataset_split: str = "train"
+    """Split of `dataset` to read."""
+    num_prompts: int = 512
+    """Prompts to sample responses for when simulating."""
+    responses_per_prompt: int = 2
+    """Responses sampled per prompt (k >= 2); every pair among them becomes a comparison."""
+    max_new_tokens: int = 48
+    """Response length limit when simulating."""
+    temperature: float = 1.0
+    """Sampling temperature when simulating."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    judge: str = "vader"
+    """Gold judge: vader, length, keyword:<word>, or module:function for any Python function of the text."""
+    min_gold_gap: float = 0.0
+    """Drop simulated pairs whose gold scores differ by less than this (ties teach nothing)."""
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    """Simulated annotator noise."""
+    test_fraction: float = 0.1
+    """Share of pairs held out for reward-model evaluation."""
+    max_pairs: int = 0
+    """Keep at most this many pairs (0: all)."""
+
+
+@dataclass
+class RewardConfig:
+    backbone: str | None = None
+    """Reward-model backbone (hub name, folder or alias); None uses `model.policy`."""
+    num_layers: int = 0
+    """Keep only the first N transformer layers of the backbone (0: all): a cheaper RM and critic."""
+    lora: bool = False
+    """Train LoRA adapters (merged into the saved model) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    epochs: float = 1.0
+    """Training epochs over the preference pairs."""
+    learning_rate: float = 5e-5
+    """Peak learning rate (linear decay)."""
+    batch_size: int = 16
+    """Pairs per optimisation step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per step."""
+    max_length: int = 128
+    """Longest chosen/rejected sequence kept, in RM tokens."""
+    use_margin: bool = False
+    """Use the pairs' `margin` column in the loss (-log sigmoid(r_c - r_r - margin))."""
+    center_rewards_coefficient: float | None = None
+    """Weight of the (r_c + r_r)^2 penalty that keeps scores centred (Eisenstein et al. 2023)."""
+    normalize_std: bool = True
+    """Also scale scores to unit std on the reference policy's responses (the mean is always set to 0)."""
+    normalize_samples: int = 128
+    """Reference-policy responses generated to compute the normalisation."""
+
+
+@dataclass
+class PPOConfig:
+    num_updates: int = 40
+    """PPO iterations: each collects one rollout batch and optimises on it."""
+    batch_size: int = 32
+    """Prompts per rollout (global, across processes)."""
+    mini_batch_size: int = 16
+    """Rollouts per optimiser step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per mini-batch (micro-batch = mini_batch_size / this)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    learning_rate: float = 3e-5
+    """Policy (and value) learning rate."""
+    warmup_steps: int = 0
+    """Linear LR warm-up, in optimiser steps, then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs use the same temperature."""
+    stop_tokens: list[str] = field(default_factory=list)
+    """Extra strings that end a response (the tokenizer's EOS always does)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response that hit the length limit without a stop token."""
+    kl_coef: float = 0.05
+    """β of the per-token KL penalty (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """KL estimator in the reward: k1 = log p - log p_ref, k3 = (r - 1) - log r."""
+    adaptive_kl: bool = False
+    """Adapt β towards `target_kl` (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller, in episodes."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    cliprange: float = 0.2
+    """Policy ratio clip ε."""
+    cliprange_value: float = 0.2
+    """Value clip."""
+    vf_coef: float = 0.1
+    """Value-loss weight."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over the batch before GAE."""
+    score_clip: float | None = None
+    """Clip reward-model scores to ±this before shaping."""
+    reward: str = "rm"
+    """Reward: `rm` (trained reward model), a judge name (see prefs.judge), or a weighted sum `rm:1.0,vader:0.5`."""
+    value_model: Literal["critic", "head"] = "critic"
+    """`critic`: separate value model, initialised from the reward model when it shares the policy's tokenizer
+    (else from the policy's backbone); `head`: zero-initialised value head on the policy trunk."""
+    critic_warmup_updates: int = 0
+    """Updates at the start that train only the value function."""
+    lora: bool = False
+    """Train LoRA adapters on the policy; the reference is the base with adapters disabled."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    save_every: int = 10
+    """Checkpoint every N updates (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints to keep."""
+    sample_every: int = 5
+    """Log a table of sample generations every N updates."""
+    merge_lora: bool = True
+    """Save the final policy with LoRA merged into a plain causal LM."""
+
+
+@dataclass
+class EvalConfig:
+    prompts: str | None = None
+    """Held-out prompts; None uses `data.test_prompts`."""
+    num_prompts: int = 128
+    """Evaluate at most this many prompts (0: all)."""
+    max_new_tokens: int = 48
+    """Response length limit (same as PPO by default)."""
+    temperature: float = 1.0
+    """Sampling temperature for both models."""
+    greedy: bool = False
+    """Decode greedily instead of sampling."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    checkpoints: Literal["final", "all"] = "final"
+    """Evaluate the final policy only, or every kept checkpoint too (a curve)."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples for the win-rate interval."""
+
+
+@dataclass
+class TrackingConfig:
+    wandb: Literal["auto", "online", "offline", "off"] = "auto"
+    """auto: online with a key (or WANDB_MODE), offline otherwise."""
+    project: str = "rlhf"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None uses your default."""
+
+
+@dataclass
+class PipelineConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prefs: PrefsConfig = field(default_factory=PrefsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# building and checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = [str(a) for a in typing.get_args(tp)]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float and isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        value = float(value)  # YAML 1.1 reads 1e-5 (no dot, or no exponent sign) as a string
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            where = f"section {prefix!r}" if prefix else "the top level"
+            raise ConfigError(f"unknown key {full!r} in {where}{hint}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`ppo.kl_coef=0.1` -> (["ppo", "kl_coef"], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = _load_yaml(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML file (or nothing: all defaults), apply dotted overrides, validate, return the config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = _load_yaml(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded or {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    cfg = _build(PipelineConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if b <= 0 or a % b != 0:
+        raise ConfigError(what)
+    return a // b
+
+
+@dataclass(frozen=True)
+class PPOSizes:
+    """Sizes of one PPO update, per process."""
+
+    num_processes: int
+    local_batch_size: int  # rollouts generated per process
+    local_mini_batch_size: int  # rollouts per optimiser step per process
+    micro_batch_size: int  # rollouts per forward/backward
+    num_mini_batches: int  # optimiser steps per PPO epoch
+    optimizer_steps: int  # optimiser steps over the whole run
+
+
+def ppo_sizes(ppo: PPOConfig, num_processes: int = 1) -> PPOSizes:
+    """Derive per-process batch sizes, checking that everything divides evenly."""
+    local_batch = exact_div(
+        ppo.batch_size, num_processes,
+        f"ppo.batch_size={ppo.batch_size} must be divisible by the number of processes ({num_processes})",
+    )
+    local_mini = exact_div(
+        ppo.mini_batch_size, num_processes,
+        f"ppo.mini_batch_size={ppo.mini_batch_size} must be divisible by the number of processes ({num_processes})",
+    )
+    num_mini = exact_div(
+        ppo.batch_size, ppo.mini_batch_size,
+        f"ppo.batch_size={ppo.batch_size} must be a multiple of ppo.mini_batch_size={ppo.mini_batch_size}",
+    )
+    micro = exact_div(
+        local_mini, ppo.gradient_accumulation_steps,
+        f"per-process mini-batch {local_mini} (ppo.mini_batch_size / processes) must be divisible by "
+        f"ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps}",
+    )
+    steps = ppo.num_updates * ppo.ppo_epochs * num_mini
+    return PPOSizes(num_processes, local_batch, local_mini, micro, num_mini, steps)
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    positive = {
+        "ppo.num_updates": cfg.ppo.num_updates, "ppo.batch_size": cfg.ppo.batch_size,
+        "ppo.mini_batch_size": cfg.ppo.mini_batch_size, "ppo.ppo_epochs": cfg.ppo.ppo_epochs,
+        "ppo.gradient_accumulation_steps": cfg.ppo.gradient_accumulation_steps,
+        "ppo.max_new_tokens": cfg.ppo.max_new_tokens, "ppo.save_every": cfg.ppo.save_every,
+        "ppo.keep_checkpoints": cfg.ppo.keep_checkpoints, "ppo.sample_every": cfg.ppo.sample_every,
+        "prefs.num_prompts": cfg.prefs.num_prompts, "prefs.batch_size": cfg.prefs.batch_size,
+        "prefs.max_new_tokens": cfg.prefs.max_new_tokens, "reward.batch_size": cfg.reward.batch_size,
+        "reward.max_length": cfg.reward.max_length, "eval.batch_size": cfg.eval.batch_size,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "reward.gradient_accumulation_steps": cfg.reward.gradient_accumulation_steps,
+        "ppo.kl_horizon": cfg.ppo.kl_horizon, "reward.lora_r": cfg.reward.lora_r, "ppo.lora_r": cfg.ppo.lora_r,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in {"ppo.temperature": cfg.ppo.temperature, "prefs.temperature": cfg.prefs.temperature,
+                       "eval.temperature": cfg.eval.temperature, "reward.epochs": cfg.reward.epochs,
+                       "ppo.learning_rate": cfg.ppo.learning_rate,
+                       "reward.learning_rate": cfg.reward.learning_rate}.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if cfg.prefs.responses_per_prompt < 2:
+        raise ConfigError(f"prefs.responses_per_prompt must be at least 2, got {cfg.prefs.responses_per_prompt}")
+    if cfg.prefs.source == "load" and not cfg.prefs.dataset:
+        raise ConfigError("prefs.dataset is required when prefs.source is 'load'")
+    if not 0.0 < cfg.prefs.test_fraction < 1.0:
+        raise ConfigError(f"prefs.test_fraction must be between 0 and 1, got {cfg.prefs.test_fraction}")
+    if not 0.0 <= cfg.prefs.noise.flip_rate <= 0.5:
+        raise ConfigError(f"prefs.noise.flip_rate must be in [0, 0.5], got {cfg.prefs.noise.flip_rate}")
+    if cfg.prefs.noise.bt_temperature < 0:
+        raise ConfigError(f"prefs.noise.bt_temperature must be >= 0, got {cfg.prefs.noise.bt_temperature}")
+    for key, value in {"ppo.gamma": cfg.ppo.gamma, "ppo.lam": cfg.ppo.lam}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    if cfg.ppo.kl_coef < 0:
+        raise ConfigError(f"ppo.kl_coef must be >= 0, got {cfg.ppo.kl_coef}")
+    if cfg.ppo.critic_warmup_updates >= cfg.ppo.num_updates:
+        raise ConfigError(
+            f"ppo.critic_warmup_updates={cfg.ppo.critic_warmup_updates} leaves no policy updates "
+            f"(ppo.num_updates={cfg.ppo.num_updates})"
+        )
+    ppo_sizes(cfg.ppo, 1)
+
+
+def save_config(cfg: PipelineConfig, path: str | Path) -> None:
+    from rlhf.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

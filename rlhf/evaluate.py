@@ -1,0 +1,192 @@
+"""The `eval` stage: reference vs trained policy on held-out prompts.
+
+Both models answer the same prompts with the same sampling settings and seed. Outputs in
+`<run_dir>/eval/`:
+- `generations.jsonl`: per prompt `prompt`, `ref_response`, `policy_response`, `ref_score`,
+  `policy_score` (reward model), `ref_gold`, `policy_gold` (gold judge), `kl` (sum over the
+  policy's response tokens of log π - log π_ref), `ref_length`, `policy_length`;
+- `metrics.json`: the aggregates documented in `METRICS` below;
+- `report.html` (see rlhf.report) with plots of the PPO run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import PipelineConfig
+from rlhf.utils import atomic_write_json, write_jsonl
+
+METRICS = {
+    "num_prompts": "held-out prompts evaluated",
+    "policy_score": "mean normalised reward-model score of the policy's responses",
+    "ref_score": "the same for the reference (about 0 by the RM's normalisation)",
+    "policy_gold": "mean gold-judge score of the policy's responses",
+    "ref_gold": "the same for the reference",
+    "gold_gain": "policy_gold - ref_gold",
+    "kl": "mean sequence KL(policy || reference) on the policy's responses, in nats (k1 estimate)",
+    "win_rate_gold": "share of prompts where the policy's gold score beats the reference's (ties count 1/2)",
+    "win_rate_gold_ci": "bootstrap 95% interval of win_rate_gold",
+    "win_rate_rm": "the same by reward-model score",
+    "win_rate_rm_ci": "bootstrap 95% interval of win_rate_rm",
+    "policy_length": "mean response length in tokens (policy)",
+    "ref_length": "mean response length in tokens (reference)",
+    "policy_distinct_1": "distinct unigrams / unigrams over the policy's responses",
+    "policy_distinct_2": "distinct bigrams / bigrams over the policy's responses",
+    "ref_distinct_1": "the same for the reference",
+    "ref_distinct_2": "the same for the reference",
+    "policy_ppl_under_ref": "perplexity of the policy's responses under the reference model",
+}
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_rate(a: list[float], b: list[float], samples: int, seed: int) -> tuple[float, list[float]]:
+    """Share of a > b (ties 1/2) and its bootstrap 95% interval."""
+    wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    n = len(wins)
+    boot = sorted(sum(wins[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    lo, hi = boot[int(0.025 * (samples - 1))], boot[int(0.975 * (samples - 1))]
+    return sum(wins) / n, [lo, hi]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, query_responses, attention_mask, responses, response_mask, context_length: int,
+                      temperature: float, batch_size: int) -> torch.Tensor:
+    """Per-token logprobs (B, R) of the responses under `model`, masked after the stop token."""
+    from rlhf.ppo_core import logprobs_from_logits
+    from rlhf.rollout import causal_lm_parts, position_ids_from_mask
+
+    trunk, lm_head = causal_lm_parts(model)
+    out = []
+    for i in range(0, query_responses.shape[0], batch_size):
+        qr, am = query_responses[i:i + batch_size], attention_mask[i:i + batch_size]
+        hidden = trunk(input_ids=qr, attention_mask=am, position_ids=position_ids_from_mask(am),
+                       use_cache=False).last_hidden_state
+        logits = lm_head(hidden[:, context_length - 1:-1])
+        out.append(logprobs_from_logits(logits, responses[i:i + batch_size], temperature))
+    return torch.cat(out) * response_mask
+
+
+def generate_and_measure(policy, reference, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device):
+    """Responses of both models with the same seed, and the policy's per-token logprobs under both."""
+    from rlhf.generation import decode_responses, left_pad, sample, stop_token_ids
+
+    ec = cfg.eval
+    stop_ids = stop_token_ids(tokenizer, cfg.ppo.stop_tokens)
+    rows: dict[str, list] = {k: [] for k in ("ref", "policy", "kl", "ref_len", "pol_len", "ref_lp")}
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(prompt_ids), ec.batch_size), desc="eval batches", unit="batch"):
+        ids, mask = left_pad(prompt_ids[start:start + ec.batch_size], tokenizer.pad_token_id, device)
+        outs = {}
+        for name, model in (("ref", reference), ("policy", policy)):
+            torch.manual_seed(cfg.run.seed + start)
+            outs[name] = sample(model, ids, mask, ec.max_new_tokens, ec.temperature, stop_ids,
+                                tokenizer.pad_token_id, greedy=ec.greedy)
+        responses, response_mask = outs["policy"]
+        qr = torch.cat([ids, responses], 1)
+        am = torch.cat([mask, response_mask.long()], 1)
+        temp = 1.0 if ec.greedy else ec.temperature
+        lp = sequence_logprobs(policy, qr, am, responses, response_mask, ids.shape[1], temp, ec.batch_size)
+        ref_lp = sequence_logprobs(reference, qr, am, responses, response_mask, ids.shape[1], temp, ec.batch_size)
+        rows["kl"] += (lp - ref_lp).sum(1).tolist()
+        rows["ref_lp"] += list(zip(ref_lp.sum(1).tolist(), response_mask.sum(1).tolist()))
+        rows["policy"] += decode_responses(tokenizer, responses, response_mask)
+        rows["ref"] += decode_responses(tokenizer, *outs["ref"])
+        rows["pol_len"] += response_mask.sum(1).tolist()
+        rows["ref_len"] += outs["ref"][1].sum(1).tolist()
+    return rows
+
+
+def evaluate_policy(cfg: PipelineConfig, policy_path: str, reward_dir: Path, prompts: list[Any],
+                    device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics and per-prompt rows of one policy against the reference."""
+    from rlhf.models import default_dtype, load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.prompts import encode_prompts, prompt_text
+    from reward_models.judges import get_judge
+    from reward_models.model import score_texts
+
+    dtype = default_dtype(cfg.model.dtype, device)
+    tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
+    enc = encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
+                         cfg.model.use_chat_template, cfg.model.system_prompt)
+    reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
+    policy = load_causal_lm(policy_path, dtype, cfg.model.trust_remote_code).to(device).eval()
+    r = generate_and_measure(policy, reference, tokenizer, enc.input_ids, cfg, device)
+    del policy, reference
+
+    rm = load_reward_model(str(reward_dir), dtype, cfg.model.trust_remote_code).to(device).eval()
+    rm_tok = load_tokenizer(str(reward_dir), cfg.model.trust_remote_code, padding_side="right")
+    ref_score = score_texts(rm, rm_tok, enc.prompts, r["ref"], cfg.reward.max_length).tolist()
+    pol_score = score_texts(rm, rm_tok, enc.prompts, r["policy"], cfg.reward.max_length).tolist()
+    judge = get_judge(cfg.prefs.judge) if cfg.prefs.judge else None
+    ref_gold = judge(r["ref"]) if judge else [None] * len(r["ref"])
+    pol_gold = judge(r["policy"]) if judge else [None] * len(r["ref"])
+
+    n = len(enc.prompts)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    tokens = sum(length for _, length in r["ref_lp"])
+    metrics: dict[str, Any] = {
+        "num_prompts": n, "policy_score": mean(pol_score), "ref_score": mean(ref_score), "kl": mean(r["kl"]),
+        "policy_length": mean(r["pol_len"]), "ref_length": mean(r["ref_len"]),
+        "policy_distinct_1": distinct_n(r["policy"], 1), "policy_distinct_2": distinct_n(r["policy"], 2),
+        "ref_distinct_1": distinct_n(r["ref"], 1), "ref_distinct_2": distinct_n(r["ref"], 2),
+        "policy_ppl_under_ref": math.exp(-sum(lp for lp, _ in r["ref_lp"]) / max(tokens, 1)),
+    }
+    metrics["win_rate_rm"], metrics["win_rate_rm_ci"] = win_rate(pol_score, ref_score, cfg.eval.bootstrap_samples,
+                                                                 cfg.run.seed)
+    if judge:
+        metrics.update(policy_gold=mean(pol_gold), ref_gold=mean(ref_gold))
+        metrics["gold_gain"] = metrics["policy_gold"] - metrics["ref_gold"]
+        metrics["win_rate_gold"], metrics["win_rate_gold_ci"] = win_rate(pol_gold, ref_gold,
+                                                                         cfg.eval.bootstrap_samples, cfg.run.seed)
+    rows = [{"prompt": prompt_text(enc.prompts[i]), "ref_response": r["ref"][i], "policy_response": r["policy"][i],
+             "ref_score": ref_score[i], "policy_score": pol_score[i], "ref_gold": ref_gold[i],
+             "policy_gold": pol_gold[i], "kl": r["kl"][i], "ref_length": r["ref_len"][i],
+             "policy_length": r["pol_len"][i]} for i in range(n)]
+    return metrics, rows
+
+
+def run_eval(cfg: PipelineConfig, run_dir: Path) -> Path:
+    """The eval stage (see the module docstring)."""
+    from rich.console import Console
+
+    from rlhf.pipeline import require_done
+    from rlhf.prompts import load_prompts
+    from rlhf.tracking import Tracker
+
+    reward_dir = require_done(cfg, run_dir, "reward", "eval") / "model"
+    ppo_dir = require_done(cfg, run_dir, "ppo", "eval")
+    out = Path(run_dir) / "eval"
+    device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+    source = cfg.eval.prompts or cfg.data.test_prompts
+    split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
+    prompts = load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
+    metrics, rows = evaluate_policy(cfg, str(ppo_dir / "policy"), reward_dir, prompts, device)
+    write_jsonl(out / "generations.jsonl", rows)
+    atomic_write_json(out / "metrics.json", metrics)
+
+    tracker = Tracker(cfg, "eval", out)
+    tracker.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+    tracker.log_table("generations", rows[:64], step=0)
+    try:
+        from rlhf.report import write_report
+
+        report = write_report(Path(run_dir))
+        tracker.log_image("eval/report_plots", report.with_name("curves.png"))
+    except ImportError:
+        pass
+    tracker.log_summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracker.finish()
+    Console(stderr=True).print("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
+                                                    if isinstance(v, float)))
+    return out

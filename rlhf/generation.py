@@ -1,0 +1,90 @@
+"""Batched sampling from left-padded prompts, shared by the prefs, PPO and eval stages."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.ppo_core import truncate_after_stop_token
+
+
+def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"):
+    """Left-pad token lists into (input_ids, attention_mask), both (B, P)."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            attention_mask[i, width - len(s):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def stop_token_ids(tokenizer, extra: list[str] | None = None) -> list[int]:
+    """Token ids that end a response: EOS (and the model's other EOS ids), plus single-token extras."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for text in extra or []:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            from rlhf.utils import UserError
+
+            raise UserError(f"stop token {text!r} is {len(tokens)} tokens for this tokenizer; use a single-token string")
+        ids.add(tokens[0])
+    return sorted(ids)
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           temperature: float, stop_ids: list[int], pad_token_id: int, greedy: bool = False,
+           min_new_tokens: int = 0):
+    """Sample responses with the KV cache; returns (responses, response_mask), both (B, R).
+
+    `top_k=0, top_p=1` keeps the sampled distribution equal to softmax(logits / T), the one the
+    PPO logprobs describe. Responses are cut after their first stop token (kept, mask 1); the rest
+    is padding with mask 0. R is always `max_new_tokens`.
+    """
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, eos_token_id=stop_ids if stop_ids else None,
+        pad_token_id=pad_token_id, use_cache=True, **kwargs,
+    )
+    responses = out[:, input_ids.shape[1]:]  # (B, <=R)
+    if responses.shape[1] < max_new_tokens:  # every row stopped early
+        fill = torch.full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id,
+                          dtype=responses.dtype, device=responses.device)
+        responses = torch.cat([responses, fill], dim=1)
+    return truncate_after_stop_token(responses, stop_ids, pad_token_id)
+
+
+def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Text of each response without its stop token and padding."""
+    texts = []
+    for ids, mask in zip(responses.tolist(), response_mask.tolist()):
+        ids = [t for t, m in zip(ids, mask) if m]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
+def unwrap(model):
+    """The underlying module of a DDP/compiled wrapper (generation needs `.generate`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def generate_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                   batch_size: int, stop_ids: list[int], greedy: bool = False, progress: str | None = None,
+                   device: torch.device | str = "cpu") -> list[str]:
+    """Responses (text) for many encoded prompts, in batches, with an optional progress bar."""
+    from tqdm.auto import tqdm
+
+    texts: list[str] = []
+    starts = range(0, len(prompt_ids), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
+        ids, mask = left_pad(prompt_ids[start:start + batch_size], tokenizer.pad_token_id, device)
+        responses, response_mask = sample(unwrap(model), ids, mask, max_new_tokens, temperature, stop_ids,
+                                          tokenizer.pad_token_id, greedy=greedy)
+        texts.extend(decode_responses(tokenizer, responses, response_mask))
+    return texts

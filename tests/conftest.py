@@ -1,0 +1,54 @@
+"""Shared fixtures: an isolated model cache for the tiny aliases, W&B off, no network.
+
+The real model cache (where `smollm2-135m-instruct` is converted once) is kept in `REAL_CACHE`
+for the slow test, which uses the `real_cache` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_CACHE_ENV = os.environ.get("RLHF_CACHE")  # None: cache_dir() falls back to XDG / ~/.cache
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """Session-wide: tiny aliases are built in a tmp cache, W&B is off, hubs are never contacted."""
+    root = tmp_path_factory.mktemp("env")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLHF_CACHE", str(root / "rlhf-cache"))
+        mp.setenv("WANDB_MODE", "disabled")
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf-datasets"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        mp.setenv("TRANSFORMERS_VERBOSITY", "error")
+        yield root
+
+
+@pytest.fixture
+def real_cache(monkeypatch):
+    """Use the user's real model cache (for the embedded SmolLM2, converted once and kept)."""
+    from rlhf.models import cache_dir
+
+    if REAL_CACHE_ENV:
+        monkeypatch.setenv("RLHF_CACHE", REAL_CACHE_ENV)
+    else:
+        monkeypatch.delenv("RLHF_CACHE", raising=False)
+    return cache_dir()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def default_yaml():
+    return PROJECT_ROOT / "configs" / "default.yaml"
