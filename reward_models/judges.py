@@ -37,7 +37,7 @@ def length(texts: list[str]) -> list[float]:
 
 
 def keyword(word: str) -> Judge:
-    pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
     return lambda texts: [float(len(pattern.findall(t))) for t in texts]
 
 

@@ -245,8 +245,6 @@ class EvalConfig:
     """Decode greedily instead of sampling."""
     batch_size: int = 32
     """Prompts per generation batch."""
-    checkpoints: Literal["final", "all"] = "final"
-    """Evaluate the final policy only, or every kept checkpoint too (a curve)."""
     bootstrap_samples: int = 1000
     """Bootstrap resamples for the win-rate interval."""
 

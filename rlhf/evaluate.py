@@ -6,7 +6,8 @@ Both models answer the same prompts with the same sampling settings and seed. Ou
   `policy_score` (reward model), `ref_gold`, `policy_gold` (gold judge), `kl` (sum over the
   policy's response tokens of log π - log π_ref), `ref_length`, `policy_length`;
 - `metrics.json`: the aggregates documented in `METRICS` below;
-- `report.html` (see rlhf.report) with plots of the PPO run.
+- `samples.jsonl`: the first 64 rows again, with `step`, as logged to W&B as a table;
+- `report.html`, `curves.png`, `length.png` (see rlhf.report): metrics, plots of the PPO run, samples.
 """
 
 from __future__ import annotations
@@ -177,14 +178,18 @@ def run_eval(cfg: PipelineConfig, run_dir: Path) -> Path:
 
     tracker = Tracker(cfg, "eval", out)
     tracker.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
-    tracker.log_table("generations", rows[:64], step=0)
+    # a table name other than "generations": Tracker.log_table appends to <name>.jsonl, which would
+    # duplicate the rows of generations.jsonl
+    tracker.log_table("samples", rows[:64], step=0)
     try:
         from rlhf.report import write_report
 
         report = write_report(Path(run_dir))
-        tracker.log_image("eval/report_plots", report.with_name("curves.png"))
-    except ImportError:
-        pass
+        for name in ("curves", "length"):
+            if report.with_name(f"{name}.png").exists():
+                tracker.log_image(f"eval/{name}", report.with_name(f"{name}.png"))
+    except Exception as e:  # the metrics are written: a failed report must not fail the stage
+        Console(stderr=True).print(f"[yellow]eval: report not written ({type(e).__name__}: {e})[/yellow]")
     tracker.log_summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.finish()
     Console(stderr=True).print("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()

@@ -107,14 +107,29 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
     path = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if _saved_as_generic_fast(path) and type(tok).__name__ != "PreTrainedTokenizerFast":
+            # transformers picks the tokenizer class from the model type; a generic tokenizer.json
+            # (e.g. a word-level vocabulary) must be loaded as what it was saved as.
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
     except OSError as e:
-        raise UserError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {name!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if tok.pad_token is None:
         # Reusing EOS as padding is safe here: masks always come from positions (first stop token,
         # attention masks), never from comparing token ids with pad_token_id.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.padding_side = padding_side
     return tok
+
+
+def _saved_as_generic_fast(path: str) -> bool:
+    import json
+
+    config = Path(path) / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def default_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
@@ -134,7 +149,7 @@ def _from_pretrained(cls, name: str, dtype: torch.dtype, trust_remote_code: bool
         )
     except OSError as e:
         raise UserError(f"cannot load model {name!r} (only safetensors weights are loaded): "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
 def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

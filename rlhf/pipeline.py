@@ -22,8 +22,8 @@ STAGES = ("prefs", "reward", "ppo", "eval")
 
 # Config sections each stage reads, beyond those of the stages before it.
 STAGE_INPUTS = {
-    "prefs": ("model", "data", "prefs"),
-    "reward": ("reward",),
+    "prefs": ("model", "data", "prefs", "ppo.stop_tokens"),
+    "reward": ("reward", "ppo.max_new_tokens", "ppo.temperature"),
     "ppo": ("ppo",),
     "eval": ("eval",),
 }
@@ -36,7 +36,11 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     previous = fingerprint({"seed": cfg.run.seed})
     out = {}
     for stage in STAGES:
-        previous = fingerprint({"previous": previous, **{s: d[s] for s in STAGE_INPUTS[stage]}})
+        inputs = {}
+        for key in STAGE_INPUTS[stage]:
+            section, _, field = key.partition(".")
+            inputs[key] = d[section][field] if field else d[section]
+        previous = fingerprint({"previous": previous, **inputs})
         out[stage] = previous
     return out
 

@@ -96,7 +96,8 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                             raise FloatingPointError("non-finite gradient norm in the PPO update")
                         stats.setdefault("policy/grad_norm", []).append(float(grad_norm))
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:  # one LR step per optimiser step, whatever the processes
+                        scheduler.step()
                     optimizer.zero_grad()
                 with torch.no_grad():
                     entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits.detach(), cfg.temperature), mask)
@@ -104,7 +105,7 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                                    ("policy/approxkl", pg_stats["approxkl"]), ("policy/clipfrac", pg_stats["clipfrac"]),
                                    ("val/ratio", pg_stats["ratio"]), ("val/clipfrac", vf_stats["clipfrac"]),
                                    ("val/error", vf_stats["error"])):
-                    stats.setdefault(key, []).append(float(value))
+                    stats.setdefault(key, []).append(value.item())
                 del logits, values
     return {f"{k}_avg" if not k.startswith("val/error") else k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -323,7 +324,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=pc.learning_rate, eps=1e-5)
     scheduler = get_linear_schedule_with_warmup(optimizer, pc.warmup_steps, sizes.optimizer_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (ppo_core.AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
               else ppo_core.FixedKLController(pc.kl_coef))
 

@@ -39,14 +39,14 @@ def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as e:
-            raise UserError(f"{path}: cannot read as {kind}: {str(e).splitlines()[0][:200]}") from None
+            raise UserError(f"{path}: cannot read as {kind}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
         return ds.to_list()
     if source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_KINDS:
         raise UserError(f"prompt or data file not found: {source}")
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:
-        raise UserError(f"cannot load dataset {source!r} split {split!r}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot load dataset {source!r} split {split!r}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
     return ds.to_list()
 
 

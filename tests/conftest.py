@@ -6,7 +6,11 @@ for the slow test, which uses the `real_cache` fixture.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +56,41 @@ def run_dir(tmp_path):
 @pytest.fixture
 def default_yaml():
     return PROJECT_ROOT / "configs" / "default.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# one real tiny run per test session, shared by tests/test_e2e.py and tests/test_eval_report.py
+
+
+@dataclasses.dataclass
+class TinyRun:
+    run_dir: Path
+    command: list[str]  # the console-script command that made it (rerun it to test skipping)
+    proc: subprocess.CompletedProcess
+    seconds: float
+
+
+def rlhf_command() -> list[str]:
+    """The installed `rlhf` console script next to this interpreter, else `python -m rlhf.cli`."""
+    script = Path(sys.executable).parent / "rlhf"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rlhf.cli"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(isolated_env, tmp_path_factory) -> TinyRun:
+    """`rlhf run configs/tiny.yaml` into a tmp run dir (about a minute on CPU), in a subprocess that
+    inherits the isolated env (RLHF_CACHE, W&B off, offline)."""
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    command = [*rlhf_command(), "run", str(PROJECT_ROOT / "configs" / "tiny.yaml"), f"run.output_dir={run_dir}",
+               "run.device=cpu"]
+    t0 = time.time()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_ROOT, env=os.environ.copy(),
+                          timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail(f"tiny run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", pytrace=False)
+    return TinyRun(run_dir, command, proc, time.time() - t0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_run) -> Path:
+    return tiny_run.run_dir

@@ -271,7 +271,6 @@ def test_real_stage_function_unknown_stage():
 # Stages that read a setting of a later section must also be fingerprinted on it: prefs samples with
 # ppo.stop_tokens (reward_models/data.py), and the reward stage normalises scores on responses
 # sampled with ppo.max_new_tokens / ppo.temperature / ppo.stop_tokens (reward_models/train.py).
-@pytest.mark.xfail(strict=True, reason="BUG: pipeline.STAGE_INPUTS omits the ppo.* keys that prefs/reward read")
 @pytest.mark.parametrize("override, first", [
     ("ppo.stop_tokens=['!']", "prefs"),
     ("ppo.temperature=0.7", "reward"),

@@ -1,0 +1,124 @@
+"""`rlhf bench CONFIG`: time PPO updates of a config and relate them to the machine's matmul peak.
+
+    rlhf bench configs/default.yaml --updates 5
+
+Runs the real PPO stage for N updates in a scratch run directory (reusing the config's trained
+reward model when there is one, else the RM-free reward given by `ppo.reward`), then prints the
+median seconds per update (first update excluded) by phase, generated tokens per second, peak
+memory, and the share of the measured fp32 (bf16 on GPU) matmul throughput reached by the forward
+(score) and train phases, with FLOPs counted from the model shapes and token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from rlhf.config import PipelineConfig
+from rlhf.utils import UserError, read_jsonl
+
+
+def matmul_peak(device: str = "cpu", dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """Measured dense matmul throughput in FLOP/s (best of `repeats`)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def forward_flops_per_token(config) -> float:
+    """2 × (non-embedding matmul parameters) per token: attention and MLP projections of every layer."""
+    c = config.get_text_config()
+    h, layers = c.hidden_size, c.num_hidden_layers
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
+    mlp_mats = 3 if getattr(c, "model_type", "") in ("llama", "qwen2", "mistral", "gemma") else 2
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    return 2.0 * layers * (attn + mlp_mats * h * inter)
+
+
+def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlhf.models import resolve_model
+    from rlhf.pipeline import MARKER, is_done, stage_fingerprints
+    from rlhf.ppo import run_ppo
+    from transformers import AutoConfig
+
+    if updates < 2:
+        raise UserError("--updates must be at least 2 (the first update is excluded)")
+    console = Console(stderr=True)
+    src = Path(cfg.run.output_dir)
+    scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
+    try:
+        bench_cfg = replace(cfg, run=replace(cfg.run, output_dir=str(scratch)),
+                            ppo=replace(cfg.ppo, num_updates=updates, save_every=10**6, sample_every=10**6),
+                            tracking=replace(cfg.tracking, wandb="off"))
+        reward_dir = scratch / "reward"
+        if is_done(cfg, src, "reward"):
+            shutil.copytree(src / "reward", reward_dir)
+        elif "rm" in [p.split(":")[0] for p in cfg.ppo.reward.split(",")]:
+            raise UserError(f"no trained reward model in {src}: run `rlhf reward` first, or bench with "
+                            f"ppo.reward=vader ppo.value_model=head")
+        else:  # a judge reward: the PPO stage still expects a finished reward stage, fake its marker
+            reward_dir.mkdir(parents=True)
+        (reward_dir / MARKER).write_text(json.dumps({"fingerprint": stage_fingerprints(bench_cfg)["reward"]}))
+        run_ppo(bench_cfg, scratch)
+        rows = read_jsonl(scratch / "ppo" / "metrics.jsonl")[1:]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    peak = matmul_peak(device, dtype)
+    med = {k: statistics.median(r[f"time/{k}"] for r in rows) for k in ("update", "generate", "forward", "score", "train")}
+    med["other"] = med["update"] - med["generate"] - med["forward"] - med["score"] - med["train"]
+    policy_cfg = AutoConfig.from_pretrained(resolve_model(cfg.model.policy))
+    per_token = forward_flops_per_token(policy_cfg)
+    pc = cfg.ppo
+    seq_tokens = pc.batch_size * (statistics.median(r["val/response_length"] for r in rows) + cfg.data.max_prompt_tokens / 2)
+    vocab_head = 2.0 * policy_cfg.get_text_config().hidden_size * policy_cfg.get_text_config().vocab_size
+    resp_tokens = pc.batch_size * pc.max_new_tokens
+    fwd = per_token * seq_tokens + vocab_head * resp_tokens  # one policy forward over the batch
+    train_mult = 3.0 if not pc.lora else 2.0  # backward ≈ 2× forward; LoRA skips weight gradients
+    train_flops = pc.ppo_epochs * train_mult * fwd
+    forward_flops = 2 * fwd  # policy (+values) and reference
+    result = {
+        "seconds_per_update": med["update"], **{f"seconds_{k}": v for k, v in med.items() if k != "update"},
+        "generated_tokens_per_second": statistics.median(r["tokens_per_second"] for r in rows),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "matmul_peak_gflops": peak / 1e9,
+        "train_share_of_peak": train_flops / med["train"] / peak,
+        "forward_share_of_peak": forward_flops / med["forward"] / peak,
+        "device": device, "dtype": str(dtype).replace("torch.", ""), "updates_timed": len(rows),
+    }
+    table = Table(title=f"PPO benchmark: {cfg.model.policy}, batch {pc.batch_size}, {len(rows)} updates timed")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in result.items():
+        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    return result

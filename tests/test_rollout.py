@@ -1,0 +1,311 @@
+"""rlhf/rollout.py on a tiny random Llama: padding invariance, temperature, Rollout fields, penalties, references.
+
+DESIGN "PPO details that must be right" 1-3 and 8, checked on real (tiny) models instead of hand tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from reward_models.judges import get_judge
+from rlhf.generation import left_pad
+from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.prompts import encode_prompts
+from rlhf.rollout import PolicyAndValue, collect_rollout, forward_logprobs, position_ids_from_mask, reference_mode
+
+SHORT = "write a good story"
+LONG = ("tell me about the weather in the city today and the food and the music and the park and the "
+        "coffee in the morning and the evening with my family and my friend")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def base_policy():
+    return load_causal_lm("tiny-llama").eval()
+
+
+def fresh_policy(name="tiny-llama"):
+    return load_causal_lm(name).eval()
+
+
+def encode(tok, prompts):
+    return encode_prompts(prompts, tok, max_tokens=256).input_ids
+
+
+def keyword_score(prompts, texts):
+    return torch.tensor(get_judge("keyword:good")(texts), dtype=torch.float32)
+
+
+def batch_with_response(tok, prompt_ids: list[list[int]], responses: torch.Tensor, response_mask: torch.Tensor):
+    """(query_responses, attention_mask, context_length) for left-padded prompts followed by `responses`."""
+    queries, query_mask = left_pad(prompt_ids, tok.pad_token_id)
+    qr = torch.cat([queries, responses], dim=1)
+    am = torch.cat([query_mask, response_mask.long()], dim=1)
+    return qr, am, queries.shape[1]
+
+
+def logprobs_alone_and_padded(model, tok, temperature=1.0):
+    """Logprobs/values of one response after SHORT, batched alone and next to LONG (left padding)."""
+    short, long = encode(tok, [SHORT, LONG])
+    assert len(long) > len(short) + 10
+    g = torch.Generator().manual_seed(0)
+    response = torch.randint(8, len(tok), (1, 7), generator=g)
+    mask = torch.ones(1, 7)
+    mask[0, 5:] = 0  # a response cut after 5 tokens: padding after it too
+    response[0, 5:] = tok.pad_token_id
+    qr, am, P = batch_with_response(tok, [short], response, mask)
+    alone = forward_logprobs(model, None, qr, am, response, P, temperature, 4, with_values=True)
+    other = torch.randint(8, len(tok), (1, 7), generator=g)
+    responses = torch.cat([response, other])
+    masks = torch.cat([mask, torch.ones(1, 7)])
+    qr2, am2, P2 = batch_with_response(tok, [short, long], responses, masks)
+    assert am2[0, : P2 - len(short)].sum() == 0  # the short prompt really is left-padded
+    padded = forward_logprobs(model, None, qr2, am2, responses, P2, temperature, 4, with_values=True)
+    return alone, padded, mask.bool()
+
+
+def test_position_ids_ignore_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+# Llama's rotary embeddings are relative, so only an absolute-position model (GPT-2) notices wrong position ids.
+ARCHS = ["tiny-llama", "tiny-gpt2"]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_padding_invariance_value_head(tok, name):
+    model = PolicyAndValue(fresh_policy(name)).eval()
+    torch.nn.init.normal_(model.value_head.weight, std=1.0)  # zero-initialised: make the values informative
+    torch.nn.init.normal_(model.value_head.bias)
+    (lp1, v1), (lp2, v2), mask = logprobs_alone_and_padded(model, tok)
+    m = mask[0]
+    assert torch.isfinite(lp1).all() and torch.isfinite(lp2).all()
+    torch.testing.assert_close(lp1[0][m], lp2[0][m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v1[0][m], v2[0][m], atol=1e-5, rtol=0)
+    assert v1[0][m].abs().max() > 1e-3  # the check compares real numbers
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_padding_invariance_critic(tok, name):
+    critic = load_reward_model(name).eval()  # random score head: non-trivial values
+    model = PolicyAndValue(fresh_policy(name), critic).eval()
+    assert model.value_head is None
+    (lp1, v1), (lp2, v2), mask = logprobs_alone_and_padded(model, tok)
+    m = mask[0]
+    torch.testing.assert_close(lp1[0][m], lp2[0][m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v1[0][m], v2[0][m], atol=1e-5, rtol=0)
+    assert v1[0][m].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_padding_invariance_reference_path(tok, name):
+    """The policy_override (reference) path uses the same position ids."""
+    base_policy = fresh_policy(name)
+    model = PolicyAndValue(fresh_policy(name)).eval()
+    short, long = encode(tok, [SHORT, LONG])
+    response = torch.randint(8, len(tok), (2, 6), generator=torch.Generator().manual_seed(1))
+    ones = torch.ones(2, 6)
+    qr, am, P = batch_with_response(tok, [short], response[:1], ones[:1])
+    alone, _ = forward_logprobs(model, base_policy, qr, am, response[:1], P, 1.0, 4, with_values=False)
+    qr2, am2, P2 = batch_with_response(tok, [short, long], response, ones)
+    padded, _ = forward_logprobs(model, base_policy, qr2, am2, response, P2, 1.0, 1, with_values=False)
+    torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=0)
+
+
+def test_forward_logprobs_uses_temperature(tok):
+    model = PolicyAndValue(fresh_policy()).eval()
+    short, long = encode(tok, [SHORT, LONG])
+    responses = torch.randint(8, len(tok), (2, 5), generator=torch.Generator().manual_seed(2))
+    qr, am, P = batch_with_response(tok, [short, long], responses, torch.ones(2, 5))
+    lp, _ = forward_logprobs(model, None, qr, am, responses, P, 0.7, 2, with_values=False)
+    with torch.no_grad():
+        logits = model.policy(input_ids=qr, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
+    expected = torch.log_softmax(logits[:, P - 1:-1] / 0.7, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lp, expected, atol=1e-5, rtol=0)
+    at_one, _ = forward_logprobs(model, None, qr, am, responses, P, 1.0, 2, with_values=False)
+    assert (lp - at_one).abs().max() > 1e-3  # the temperature is really applied
+
+
+# ---------------------------------------------------------------------------------------------
+# collect_rollout
+
+PROMPTS = ["write a good story", "tell me about your day", "describe the weather today", "review a movie",
+           "write about the city", "tell a story about a dog", "describe your family", "review the food"]
+
+
+def rollout(model, ref, tok, stop_ids, seed=0, prompts=PROMPTS, score_fn=keyword_score, **kw):
+    ids = encode(tok, prompts)
+    torch.manual_seed(seed)
+    kw = {"max_new_tokens": 6, "temperature": 1.0, "micro_batch_size": 3, **kw}
+    return collect_rollout(model, ref, prompts, ids, tok, score_fn, get_judge("keyword:good"), stop_ids=stop_ids, **kw)
+
+
+def frequent_stop_ids(tok, n=25):
+    """EOS plus many common words: some responses stop within a few tokens and some do not."""
+    words = "the a and good bad is was it this that i you we to of in on at for with . , ! ? very".split()
+    return sorted({tok.eos_token_id, *tok.convert_tokens_to_ids(words[:n])})
+
+
+def test_collect_rollout_fields(tok):
+    model = PolicyAndValue(fresh_policy()).eval()
+    ref = fresh_policy()
+    stop_ids = frequent_stop_ids(tok)
+    r = rollout(model, ref, tok, stop_ids)
+    B, R = len(PROMPTS), 6
+    P = max(len(x) for x in encode(tok, PROMPTS))
+    assert r.queries.shape == r.query_mask.shape == (B, P)
+    for name in ("responses", "response_mask", "logprobs", "ref_logprobs", "values"):
+        assert getattr(r, name).shape == (B, R), name
+    assert r.scores.shape == r.gold.shape == r.has_stop.shape == (B,)
+    assert len(r.response_texts) == len(r.prompts) == B
+    assert r.query_responses.shape == r.attention_mask.shape == (B, P + R)
+    mask = r.response_mask.bool()
+    # a prefix of ones, at least the first token, and padding after it
+    assert torch.equal(mask, mask.long().cumprod(1).bool())
+    assert mask[:, 0].all()
+    assert (r.responses[~mask] == tok.pad_token_id).all()
+    assert torch.isfinite(r.logprobs[mask]).all() and (r.logprobs[mask] <= 0).all()
+    # has_stop: a stop token is the last real token, nothing after it; rows without one use all R tokens
+    stops = torch.tensor(stop_ids)
+    for i in range(B):
+        n = int(mask[i].sum())
+        real = r.responses[i, :n]
+        if r.has_stop[i]:
+            assert real[-1].item() in stop_ids and not torch.isin(real[:-1], stops).any()
+        else:
+            assert n == R and not torch.isin(real, stops).any()
+    assert 0 < int(r.has_stop.sum()) < B, "the seed should give both kinds of rows"
+    # scores are the judge's on the decoded text; the prompts are left-padded
+    assert r.scores.tolist() == get_judge("keyword:good")(r.response_texts)
+    assert torch.equal(r.gold.float(), r.scores)
+    assert (r.query_mask.sum(1) == torch.tensor([len(x) for x in encode(tok, PROMPTS)])).all()
+    assert torch.equal(r.query_mask, r.query_mask.flip(1).cumprod(1).flip(1))  # zeros only on the left
+
+
+def test_missing_eos_penalty_only_for_rows_without_stop(tok):
+    model = PolicyAndValue(fresh_policy()).eval()
+    ref = fresh_policy()
+    stop_ids = frequent_stop_ids(tok)
+    plain = rollout(model, ref, tok, stop_ids, seed=3, max_new_tokens=3)
+    penalised = rollout(model, ref, tok, stop_ids, seed=3, max_new_tokens=3, missing_eos_penalty=2.5)
+    assert torch.equal(plain.responses, penalised.responses)  # same seed, same samples
+    assert 0 < int(plain.has_stop.sum()) < len(PROMPTS)
+    expected = plain.scores - 2.5 * (~plain.has_stop).float()
+    torch.testing.assert_close(penalised.scores, expected)
+    clipped = rollout(model, ref, tok, stop_ids, seed=3, max_new_tokens=3, missing_eos_penalty=2.5, score_clip=1.0)
+    assert clipped.scores.min() >= -1.0 and clipped.scores.max() <= 1.0
+
+
+def test_logprobs_equal_ref_at_init_full_copy(tok):
+    model = PolicyAndValue(fresh_policy()).eval()
+    r = rollout(model, fresh_policy(), tok, [tok.eos_token_id], max_new_tokens=8)
+    mask = r.response_mask.bool()
+    torch.testing.assert_close(r.logprobs[mask], r.ref_logprobs[mask], atol=1e-5, rtol=0)
+
+
+def lora_policy():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(fresh_policy(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                                                     target_modules="all-linear"))
+
+
+def test_lora_reference_is_base_with_adapter_disabled(tok, base_policy):
+    model = PolicyAndValue(lora_policy()).eval()
+    r = rollout(model, None, tok, [tok.eos_token_id], max_new_tokens=8)
+    mask = r.response_mask.bool()
+    # LoRA B is zero before training: the policy is its reference
+    torch.testing.assert_close(r.logprobs[mask], r.ref_logprobs[mask], atol=1e-5, rtol=0)
+
+    with torch.no_grad():  # "train" the adapter
+        g = torch.Generator().manual_seed(0)
+        changed = 0
+        for name, p in model.policy.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+                changed += 1
+    assert changed > 0
+    r = rollout(model, None, tok, [tok.eos_token_id], max_new_tokens=8, seed=1)
+    mask = r.response_mask.bool()
+    assert (r.logprobs - r.ref_logprobs)[mask].abs().max() > 1e-2  # the adapter changed the policy
+    qr, am, P = r.query_responses, r.attention_mask, r.queries.shape[1]
+    base_lp, _ = forward_logprobs(model, base_policy, qr, am, r.responses, P, 1.0, 4, with_values=False)
+    torch.testing.assert_close(r.ref_logprobs[mask], base_lp[mask], atol=1e-5, rtol=0)
+    with reference_mode(model, None) as ref:  # the adapter is enabled again afterwards
+        assert ref is model.policy
+    again, _ = forward_logprobs(model, None, qr, am, r.responses, P, 1.0, 4, with_values=False)
+    torch.testing.assert_close(again[mask], r.logprobs[mask], atol=1e-5, rtol=0)
+
+
+def test_reference_mode_full_copy_yields_copy(base_policy):
+    model = PolicyAndValue(fresh_policy())
+    with reference_mode(model, base_policy) as ref:
+        assert ref is base_policy
+
+
+def test_non_finite_score_raises(tok):
+    model = PolicyAndValue(fresh_policy()).eval()
+
+    def nan_score(prompts, texts):
+        scores = torch.zeros(len(texts))
+        scores[1] = float("nan")
+        return scores
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        rollout(model, fresh_policy(), tok, [tok.eos_token_id], score_fn=nan_score)
+
+    def inf_score(prompts, texts):
+        return torch.full((len(texts),), float("inf"))
+
+    with pytest.raises(FloatingPointError):
+        rollout(model, fresh_policy(), tok, [tok.eos_token_id], score_fn=inf_score)
+
+
+def test_rollout_does_not_change_weights(tok):
+    model = PolicyAndValue(fresh_policy()).eval()
+    before = copy.deepcopy(model.state_dict())
+    rollout(model, fresh_policy(), tok, [tok.eos_token_id])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", [
+    "tiny-gpt2",
+    pytest.param("tiny-llama", marks=pytest.mark.xfail(
+        reason="rlhf.models.disable_dropout sets config.attention_dropout after the attention modules copied it "
+               "into their own `attention_dropout` float (Llama/Qwen2), so attention dropout stays on in train()",
+        strict=False)),
+])
+def test_dropout_off_in_train_mode(tmp_path, name):
+    """DESIGN detail 5: PPO trains with model.train(); with dropout off its logprobs and values equal eval mode's."""
+    import json
+    import shutil
+
+    from rlhf.models import resolve_model
+
+    folder = tmp_path / name
+    shutil.copytree(resolve_model(name), folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if key in config or name == "tiny-llama" and key == "attention_dropout":
+            config[key] = 0.5
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(folder))
+    model = PolicyAndValue(load_causal_lm(str(folder)), load_reward_model(str(folder)))
+    ids = encode(tok, [SHORT, LONG])
+    responses = torch.randint(8, len(tok), (2, 5), generator=torch.Generator().manual_seed(0))
+    qr, am, P = batch_with_response(tok, ids, responses, torch.ones(2, 5))
+    model.eval()
+    lp_eval, v_eval = forward_logprobs(model, None, qr, am, responses, P, 1.0, 2, with_values=True)
+    model.train()
+    lp_train, v_train = forward_logprobs(model, None, qr, am, responses, P, 1.0, 2, with_values=True)
+    torch.testing.assert_close(lp_train, lp_eval, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_train, v_eval, atol=1e-5, rtol=0)
