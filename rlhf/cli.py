@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order rows by policy-minus-reference gold or RM score, or by KL (prefix - for ascending)")
     p.add_argument("--contains", default=None, help="only rows whose prompt or responses contain this text")
     p.add_argument("--page", type=int, default=1, help="page number (default 1)")
-    p.add_argument("--step", default=None, help="show PPO samples of this update instead of eval generations")
+    p.add_argument("--step", default=None,
+                   help="show the PPO samples of this update (a number, or 'last') instead of eval generations")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p = sub.add_parser("bench", help="time PPO updates by phase and compare with the machine's matmul peak")
     _add_config_args(p)

@@ -245,6 +245,8 @@ class EvalConfig:
     """Decode greedily instead of sampling."""
     batch_size: int = 32
     """Prompts per generation batch."""
+    checkpoints: bool = False
+    """Also evaluate every kept PPO checkpoint (eval/checkpoints.jsonl: a curve of scores vs KL)."""
     bootstrap_samples: int = 1000
     """Bootstrap resamples for the win-rate interval."""
 

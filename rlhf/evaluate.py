@@ -7,6 +7,8 @@ Both models answer the same prompts with the same sampling settings and seed. Ou
   policy's response tokens of log π - log π_ref), `ref_length`, `policy_length`;
 - `metrics.json`: the aggregates documented in `METRICS` below;
 - `samples.jsonl`: the first 64 rows again, with `step`, as logged to W&B as a table;
+- `checkpoints.jsonl` (with `eval.checkpoints: true`): the metrics of every kept PPO checkpoint
+  and of the final policy, a curve of scores against KL;
 - `report.html`, `curves.png`, `length.png` (see rlhf.report): metrics, plots of the PPO run, samples.
 """
 
@@ -77,84 +79,109 @@ def sequence_logprobs(model, query_responses, attention_mask, responses, respons
     return torch.cat(out) * response_mask
 
 
-def generate_and_measure(policy, reference, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device):
-    """Responses of both models with the same seed, and the policy's per-token logprobs under both."""
-    from rlhf.generation import decode_responses, left_pad, sample, stop_token_ids
+def encode_eval_prompts(cfg: PipelineConfig, prompts: list[Any], tokenizer):
+    from rlhf.prompts import encode_prompts
+
+    return encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
+                          cfg.model.use_chat_template, cfg.model.system_prompt)
+
+
+def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device, desc: str):
+    """[(prompt ids, prompt mask, responses, response mask)] per batch; batch i is sampled with seed + i,
+    so every model answers each prompt under the same random stream."""
+    from tqdm.auto import tqdm
+
+    from rlhf.generation import left_pad, sample, stop_token_ids
 
     ec = cfg.eval
     stop_ids = stop_token_ids(tokenizer, cfg.ppo.stop_tokens)
-    rows: dict[str, list] = {k: [] for k in ("ref", "policy", "kl", "ref_len", "pol_len", "ref_lp")}
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(prompt_ids), ec.batch_size), desc="eval batches", unit="batch"):
+    out = []
+    for start in tqdm(range(0, len(prompt_ids), ec.batch_size), desc=desc, unit="batch"):
         ids, mask = left_pad(prompt_ids[start:start + ec.batch_size], tokenizer.pad_token_id, device)
-        outs = {}
-        for name, model in (("ref", reference), ("policy", policy)):
-            torch.manual_seed(cfg.run.seed + start)
-            outs[name] = sample(model, ids, mask, ec.max_new_tokens, ec.temperature, stop_ids,
-                                tokenizer.pad_token_id, greedy=ec.greedy)
-        responses, response_mask = outs["policy"]
-        qr = torch.cat([ids, responses], 1)
-        am = torch.cat([mask, response_mask.long()], 1)
-        temp = 1.0 if ec.greedy else ec.temperature
-        lp = sequence_logprobs(policy, qr, am, responses, response_mask, ids.shape[1], temp, ec.batch_size)
-        ref_lp = sequence_logprobs(reference, qr, am, responses, response_mask, ids.shape[1], temp, ec.batch_size)
-        rows["kl"] += (lp - ref_lp).sum(1).tolist()
-        rows["ref_lp"] += list(zip(ref_lp.sum(1).tolist(), response_mask.sum(1).tolist()))
-        rows["policy"] += decode_responses(tokenizer, responses, response_mask)
-        rows["ref"] += decode_responses(tokenizer, *outs["ref"])
-        rows["pol_len"] += response_mask.sum(1).tolist()
-        rows["ref_len"] += outs["ref"][1].sum(1).tolist()
-    return rows
+        torch.manual_seed(cfg.run.seed + start)
+        out.append((ids, mask, *sample(model, ids, mask, ec.max_new_tokens, ec.temperature, stop_ids,
+                                       tokenizer.pad_token_id, greedy=ec.greedy)))
+    return out
 
 
-def evaluate_policy(cfg: PipelineConfig, policy_path: str, reward_dir: Path, prompts: list[Any],
-                    device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and per-prompt rows of one policy against the reference."""
+def measure_policy(policy, reference, tokenizer, prompt_ids, cfg: PipelineConfig, device, desc: str) -> dict:
+    """The policy's responses, their length, and their per-sequence logprob under policy and reference."""
+    from rlhf.generation import decode_responses
+
+    temp = 1.0 if cfg.eval.greedy else cfg.eval.temperature
+    r: dict[str, list] = {"texts": [], "length": [], "kl": [], "ref_logprob": []}
+    for ids, mask, responses, response_mask in sample_batches(policy, tokenizer, prompt_ids, cfg, device, desc):
+        qr, am = torch.cat([ids, responses], 1), torch.cat([mask, response_mask.long()], 1)
+        args = (qr, am, responses, response_mask, ids.shape[1], temp, cfg.eval.batch_size)
+        lp, ref_lp = sequence_logprobs(policy, *args), sequence_logprobs(reference, *args)
+        r["kl"] += (lp - ref_lp).sum(1).tolist()
+        r["ref_logprob"] += ref_lp.sum(1).tolist()
+        r["texts"] += decode_responses(tokenizer, responses, response_mask)
+        r["length"] += response_mask.sum(1).tolist()
+    return r
+
+
+def summarize(cfg: PipelineConfig, ref: dict, pol: dict) -> dict[str, Any]:
+    """The METRICS of one policy against the reference, from per-prompt scores."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    metrics: dict[str, Any] = {
+        "num_prompts": len(pol["texts"]), "policy_score": mean(pol["score"]), "ref_score": mean(ref["score"]),
+        "kl": mean(pol["kl"]), "policy_length": mean(pol["length"]), "ref_length": mean(ref["length"]),
+        "policy_distinct_1": distinct_n(pol["texts"], 1), "policy_distinct_2": distinct_n(pol["texts"], 2),
+        "ref_distinct_1": distinct_n(ref["texts"], 1), "ref_distinct_2": distinct_n(ref["texts"], 2),
+        "policy_ppl_under_ref": math.exp(-sum(pol["ref_logprob"]) / max(sum(pol["length"]), 1)),
+    }
+    n_boot, seed = cfg.eval.bootstrap_samples, cfg.run.seed
+    metrics["win_rate_rm"], metrics["win_rate_rm_ci"] = win_rate(pol["score"], ref["score"], n_boot, seed)
+    if pol.get("gold") is not None:
+        metrics.update(policy_gold=mean(pol["gold"]), ref_gold=mean(ref["gold"]))
+        metrics["gold_gain"] = metrics["policy_gold"] - metrics["ref_gold"]
+        metrics["win_rate_gold"], metrics["win_rate_gold_ci"] = win_rate(pol["gold"], ref["gold"], n_boot, seed)
+    return metrics
+
+
+def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir: Path, prompts: list[Any],
+                      device) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Metrics and per-prompt rows of each policy against the reference, whose answers are sampled once.
+
+    `policies` maps a name to a function that loads that policy (one is in memory at a time)."""
+    from rlhf.generation import decode_responses
     from rlhf.models import default_dtype, load_causal_lm, load_reward_model, load_tokenizer
-    from rlhf.prompts import encode_prompts, prompt_text
+    from rlhf.prompts import prompt_text
     from reward_models.judges import get_judge
     from reward_models.model import score_texts
 
     dtype = default_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
-    enc = encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
-                         cfg.model.use_chat_template, cfg.model.system_prompt)
+    enc = encode_eval_prompts(cfg, prompts, tokenizer)
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
-    policy = load_causal_lm(policy_path, dtype, cfg.model.trust_remote_code).to(device).eval()
-    r = generate_and_measure(policy, reference, tokenizer, enc.input_ids, cfg, device)
-    del policy, reference
+    ref: dict[str, Any] = {"texts": [], "length": []}
+    for _, _, responses, response_mask in sample_batches(reference, tokenizer, enc.input_ids, cfg, device,
+                                                         "reference"):
+        ref["texts"] += decode_responses(tokenizer, responses, response_mask)
+        ref["length"] += response_mask.sum(1).tolist()
+    measured = {}
+    for name, load in policies.items():
+        policy = load(dtype).to(device).eval()
+        measured[name] = measure_policy(policy, reference, tokenizer, enc.input_ids, cfg, device, name)
+        del policy
+    del reference
 
     rm = load_reward_model(str(reward_dir), dtype, cfg.model.trust_remote_code).to(device).eval()
     rm_tok = load_tokenizer(str(reward_dir), cfg.model.trust_remote_code, padding_side="right")
-    ref_score = score_texts(rm, rm_tok, enc.prompts, r["ref"], cfg.reward.max_length).tolist()
-    pol_score = score_texts(rm, rm_tok, enc.prompts, r["policy"], cfg.reward.max_length).tolist()
     judge = get_judge(cfg.prefs.judge) if cfg.prefs.judge else None
-    ref_gold = judge(r["ref"]) if judge else [None] * len(r["ref"])
-    pol_gold = judge(r["policy"]) if judge else [None] * len(r["ref"])
-
-    n = len(enc.prompts)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    tokens = sum(length for _, length in r["ref_lp"])
-    metrics: dict[str, Any] = {
-        "num_prompts": n, "policy_score": mean(pol_score), "ref_score": mean(ref_score), "kl": mean(r["kl"]),
-        "policy_length": mean(r["pol_len"]), "ref_length": mean(r["ref_len"]),
-        "policy_distinct_1": distinct_n(r["policy"], 1), "policy_distinct_2": distinct_n(r["policy"], 2),
-        "ref_distinct_1": distinct_n(r["ref"], 1), "ref_distinct_2": distinct_n(r["ref"], 2),
-        "policy_ppl_under_ref": math.exp(-sum(lp for lp, _ in r["ref_lp"]) / max(tokens, 1)),
-    }
-    metrics["win_rate_rm"], metrics["win_rate_rm_ci"] = win_rate(pol_score, ref_score, cfg.eval.bootstrap_samples,
-                                                                 cfg.run.seed)
-    if judge:
-        metrics.update(policy_gold=mean(pol_gold), ref_gold=mean(ref_gold))
-        metrics["gold_gain"] = metrics["policy_gold"] - metrics["ref_gold"]
-        metrics["win_rate_gold"], metrics["win_rate_gold_ci"] = win_rate(pol_gold, ref_gold,
-                                                                         cfg.eval.bootstrap_samples, cfg.run.seed)
-    rows = [{"prompt": prompt_text(enc.prompts[i]), "ref_response": r["ref"][i], "policy_response": r["policy"][i],
-             "ref_score": ref_score[i], "policy_score": pol_score[i], "ref_gold": ref_gold[i],
-             "policy_gold": pol_gold[i], "kl": r["kl"][i], "ref_length": r["ref_len"][i],
-             "policy_length": r["pol_len"][i]} for i in range(n)]
-    return metrics, rows
+    for r in [ref, *measured.values()]:
+        r["score"] = score_texts(rm, rm_tok, enc.prompts, r["texts"], cfg.reward.max_length).tolist()
+        r["gold"] = judge(r["texts"]) if judge else None
+    results = {}
+    for name, pol in measured.items():
+        rows = [{"prompt": prompt_text(enc.prompts[i]), "ref_response": ref["texts"][i],
+                 "policy_response": pol["texts"][i], "ref_score": ref["score"][i], "policy_score": pol["score"][i],
+                 "ref_gold": ref["gold"][i] if judge else None, "policy_gold": pol["gold"][i] if judge else None,
+                 "kl": pol["kl"][i], "ref_length": ref["length"][i], "policy_length": pol["length"][i]}
+                for i in range(len(enc.prompts))]
+        results[name] = (summarize(cfg, ref, pol), rows)
+    return results
 
 
 def run_eval(cfg: PipelineConfig, run_dir: Path) -> Path:
@@ -172,9 +199,24 @@ def run_eval(cfg: PipelineConfig, run_dir: Path) -> Path:
     source = cfg.eval.prompts or cfg.data.test_prompts
     split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
     prompts = load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
-    metrics, rows = evaluate_policy(cfg, str(ppo_dir / "policy"), reward_dir, prompts, device)
+    from rlhf.models import load_causal_lm
+    from rlhf.ppo import policy_from_checkpoint
+
+    policies = {}
+    if cfg.eval.checkpoints:
+        for ckpt in sorted((ppo_dir / "checkpoints").glob("step_*")):
+            if int(ckpt.name.split("_")[1]) == cfg.ppo.num_updates:
+                continue  # the same weights as the final policy
+            policies[ckpt.name] = lambda dtype, ckpt=ckpt: policy_from_checkpoint(cfg, ckpt, dtype)
+    policies["final"] = lambda dtype: load_causal_lm(str(ppo_dir / "policy"), dtype, cfg.model.trust_remote_code)
+    results = evaluate_policies(cfg, policies, reward_dir, prompts, device)
+    metrics, rows = results.pop("final")
     write_jsonl(out / "generations.jsonl", rows)
     atomic_write_json(out / "metrics.json", metrics)
+    if results:  # the curve over checkpoints, then the final policy
+        curve = [{"checkpoint": name, "step": int(name.split("_")[1]), **m} for name, (m, _) in results.items()]
+        curve.append({"checkpoint": "final", "step": cfg.ppo.num_updates, **metrics})
+        write_jsonl(out / "checkpoints.jsonl", curve)
 
     tracker = Tracker(cfg, "eval", out)
     tracker.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)

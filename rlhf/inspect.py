@@ -290,7 +290,8 @@ def load_run(run_dir: Path | str) -> dict:
         metrics = {}
     from rlhf.evaluate import METRICS  # documented order first
 
-    metrics = {k: metrics[k] for k in [*(k for k in METRICS if k in metrics), *(k for k in metrics if k not in METRICS)]}
+    order = [k for k in METRICS if k in metrics] + [k for k in metrics if k not in METRICS]
+    metrics = {k: metrics[k] for k in order}
     return {
         "ppo_metrics": frame(run_dir / "ppo" / "metrics.jsonl"),
         "samples": frame(run_dir / "ppo" / "samples.jsonl"),
@@ -306,7 +307,7 @@ def plot_curves(run: dict):
     metrics = run.get("ppo_metrics")
     rows = [] if metrics is None or metrics.empty else metrics.to_dict("records")
     eval_metrics = run.get("eval_metrics")
-    fig = new_figure(15, 4.4)
+    fig = new_figure(13, 4.2)
     notes = draw_curves(fig, rows, None if eval_metrics is None else dict(eval_metrics))
     if notes:
         fig.suptitle("; ".join(notes), fontsize=9, color="#a66")

@@ -33,6 +33,7 @@ from rlhf.utils import UserError, atomic_dir, atomic_write_json, read_jsonl
 def global_masked_whiten(values: torch.Tensor, mask: torch.Tensor, accelerator, shift_mean: bool = True):
     """`ppo_core.masked_whiten` with mean and variance taken over every process's batch."""
     mask = mask.float()
+    values = torch.where(mask.bool(), values, 0.0)  # masked junk (inf/NaN) must not reach the sums
     stats = torch.stack([(values * mask).sum(), (values * values * mask).sum(), mask.sum()])
     stats = accelerator.reduce(stats, reduction="sum") if accelerator.num_processes > 1 else stats
     total, total_sq, n = stats
@@ -114,6 +115,32 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
 # models, rewards, checkpoints
 
 
+def add_lora(policy, pc):
+    """Wrap the policy with LoRA adapters on every linear layer (B starts at 0: policy == reference)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=pc.lora_r, lora_alpha=pc.lora_alpha,
+                                             lora_dropout=0.0, target_modules="all-linear"))
+
+
+def policy_from_checkpoint(cfg: PipelineConfig, ckpt: Path, dtype):
+    """The policy of a PPO checkpoint as a plain causal LM (base weights + saved trainable weights)."""
+    from safetensors.torch import load_file
+
+    from rlhf.models import load_causal_lm
+
+    policy = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code)
+    if cfg.ppo.lora:
+        policy = add_lora(policy, cfg.ppo)
+    weights = {k[len("policy."):]: v for k, v in load_file(str(ckpt / "trainable.safetensors")).items()
+               if k.startswith("policy.")}
+    missing = {k for k, p in policy.named_parameters() if p.requires_grad} - set(weights)
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt} lacks policy weights (e.g. {sorted(missing)[0]})")
+    policy.load_state_dict(weights, strict=False)
+    return policy.merge_and_unload() if cfg.ppo.lora else policy
+
+
 def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     """(PolicyAndValue, frozen reference or None with LoRA, tokenizer) as DESIGN detail 8 describes."""
     from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer
@@ -122,11 +149,7 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     policy = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code)
     ref_policy = None
     if cfg.ppo.lora:
-        from peft import LoraConfig, get_peft_model
-
-        policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=cfg.ppo.lora_r,
-                                                   lora_alpha=cfg.ppo.lora_alpha, lora_dropout=0.0,
-                                                   target_modules="all-linear"))
+        policy = add_lora(policy, cfg.ppo)
     else:
         ref_policy = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).eval()
         ref_policy.requires_grad_(False)
@@ -231,9 +254,10 @@ def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
     for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
         try:
             state = json.loads((path / "trainer_state.json").read_text())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):  # missing, unreadable, or `path` is not a folder
             continue
-        if state.get("fingerprint") == fingerprint and (path / "trainable.safetensors").is_file():
+        if (isinstance(state, dict) and state.get("fingerprint") == fingerprint
+                and (path / "trainable.safetensors").is_file()):
             return path
     return None
 
@@ -340,9 +364,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
-    if ckpt is not None and accelerator.is_main_process:  # drop metrics logged after the checkpoint
-        rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start] if (out / "metrics.jsonl").exists() else []
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if ckpt is not None and accelerator.is_main_process:  # drop metrics and samples logged after the checkpoint
+        for logged in ("metrics.jsonl", "samples.jsonl"):
+            rows = [r for r in read_jsonl(out / logged) if r["step"] <= start] if (out / logged).exists() else []
+            (out / logged).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     order_rng = torch.Generator().manual_seed(cfg.run.seed)
     epoch_orders = {}

@@ -249,8 +249,8 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 def headline(metrics: dict[str, Any]) -> str:
     cards = [("policy_gold", "policy gold"), ("ref_gold", "reference gold"), ("gold_gain", "gold gain"),
-             ("win_rate_gold", "gold win rate"), ("policy_score", "policy RM score"), ("ref_score", "reference RM score"),
-             ("kl", "KL (nats)")]
+             ("win_rate_gold", "gold win rate"), ("policy_score", "policy RM score"),
+             ("ref_score", "reference RM score"), ("kl", "KL (nats)")]
     html_cards = "".join(f'<div class="card"><div class="v">{html.escape(_fmt(metrics[k]))}</div>'
                          f'<div class="l">{label}</div></div>' for k, label in cards if _finite(metrics.get(k)))
     return f'<div class="headline">{html_cards}</div>' if html_cards else ""
@@ -286,7 +286,8 @@ def generations_table(rows: list[dict[str, Any]], indices: list[int]) -> str:
         body.append(
             f'<tr><td class="prompt"><b>#{i}</b> {html.escape(str(r.get("prompt", "")))}'
             f'<div class="scores">{diffs}</div></td>'
-            f'<td>{html.escape(str(r.get("ref_response", "")))}<div class="scores">{_scores(r, "ref", False)}</div></td>'
+            f'<td>{html.escape(str(r.get("ref_response", "")))}'
+            f'<div class="scores">{_scores(r, "ref", False)}</div></td>'
             f'<td>{html.escape(str(r.get("policy_response", "")))}'
             f'<div class="scores">{_scores(r, "policy", True)}</div></td></tr>')
     return ('<table class="gen"><colgroup><col style="width:28%"><col style="width:36%"><col style="width:36%">'
@@ -307,7 +308,7 @@ def write_report(run_dir: Path) -> Path:
     generations = _read_rows(out / "generations.jsonl")
     ppo_rows = _read_rows(run_dir / "ppo" / "metrics.jsonl")
 
-    curve_fig = new_figure(15, 4.4)
+    curve_fig = new_figure(13, 4.2)
     curve_notes = draw_curves(curve_fig, ppo_rows, metrics)
     curves_png = _save(curve_fig, out / "curves.png")
     length_fig = new_figure(7.5, 3.6)
