@@ -177,6 +177,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention layers copy the config value
+            module.attention_dropout = 0.0
     config = getattr(model, "config", None)
     if config is not None:
         for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",

@@ -12,6 +12,7 @@ its last checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -182,8 +183,7 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
 
 def _is_number(text: str) -> bool:
     try:
-        float(text)
-        return True
+        return math.isfinite(float(text))
     except ValueError:
         return False
 

@@ -277,13 +277,7 @@ def test_rollout_does_not_change_weights(tok):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("name", [
-    "tiny-gpt2",
-    pytest.param("tiny-llama", marks=pytest.mark.xfail(
-        reason="rlhf.models.disable_dropout sets config.attention_dropout after the attention modules copied it "
-               "into their own `attention_dropout` float (Llama/Qwen2), so attention dropout stays on in train()",
-        strict=False)),
-])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_dropout_off_in_train_mode(tmp_path, name):
     """DESIGN detail 5: PPO trains with model.train(); with dropout off its logprobs and values equal eval mode's."""
     import json

@@ -1,0 +1,407 @@
+"""rlhf/ppo.py end to end on configs/tiny.yaml: learning, value modes, LoRA, resume, checkpoints, saved policy.
+
+prefs + reward run once per module (`upstream`); each PPO variant works on a copy of that run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rlhf.ppo as ppo
+from rlhf import ppo_core
+from rlhf.config import load_config
+from rlhf.pipeline import MARKER, is_done, run_pipeline, stage_fingerprints
+from rlhf.utils import read_jsonl
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TINY = PROJECT_ROOT / "configs" / "tiny.yaml"
+# fewer prefs prompts and one RM epoch: the PPO tests below reward the keyword judge, the RM only seeds the critic
+BASE = ["tracking.wandb=off", "prefs.num_prompts=96", "reward.epochs=1", "eval.num_prompts=16"]
+JUDGE = "ppo.reward=keyword:good"
+
+
+def tiny_cfg(run_dir, *overrides):
+    return load_config(TINY, [f"run.output_dir={run_dir}", *BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("upstream") / "run"
+    cfg = tiny_cfg(run_dir)
+    run_pipeline(cfg, only="prefs")
+    run_pipeline(cfg, only="reward")
+    return run_dir
+
+
+def copy_upstream(upstream, dest: Path) -> Path:
+    shutil.copytree(upstream, dest)
+    return dest
+
+
+def ppo_run(upstream, dest: Path, *overrides):
+    run_dir = copy_upstream(upstream, dest)
+    cfg = tiny_cfg(run_dir, *overrides)
+    run_pipeline(cfg, only="ppo")
+    assert is_done(cfg, run_dir, "ppo")
+    return cfg, run_dir
+
+
+def metrics(run_dir) -> list[dict]:
+    return read_jsonl(Path(run_dir) / "ppo" / "metrics.jsonl")
+
+
+def checkpoint_state(run_dir, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "ppo" / "checkpoints" / f"step_{step:05d}" / "trainable.safetensors"))
+
+
+def base_weights() -> dict[str, torch.Tensor]:
+    from rlhf.models import resolve_model
+
+    return load_file(str(Path(resolve_model("tiny-llama")) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def learned(upstream, tmp_path_factory):
+    """The tiny PPO run (30 updates, critic from the RM) rewarded by the keyword judge."""
+    return ppo_run(upstream, tmp_path_factory.mktemp("learned") / "run", JUDGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_ppo_learns_the_keyword(learned):
+    cfg, run_dir = learned
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, cfg.ppo.num_updates + 1))
+    gold = [r["objective/gold"] for r in rows]
+    first, last = sum(gold[:3]) / 3, sum(gold[-5:]) / 5
+    assert last > first + 1.0, gold
+    for r in rows:
+        for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg",
+                    "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "val/error"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r)
+        # the judge is the reward: the score equals the gold score
+        assert r["objective/scores"] == pytest.approx(r["objective/gold"])
+        assert r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"] + r["objective/non_score_reward"],
+                                                           abs=1e-5)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference on the first rollout
+    assert rows[-1]["objective/kl"] > 0.1
+    # linear decay over num_updates * ppo_epochs * (batch / mini_batch) optimiser steps, once per step
+    steps_per_update = cfg.ppo.ppo_epochs * cfg.ppo.batch_size // cfg.ppo.mini_batch_size
+    total = cfg.ppo.num_updates * steps_per_update
+    assert rows[0]["lr"] == pytest.approx(cfg.ppo.learning_rate * (1 - steps_per_update / total))
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[-1]["episodes"] == cfg.ppo.num_updates * cfg.ppo.batch_size
+    # the last `keep_checkpoints` checkpoints, the final one included, and sample tables
+    kept = sorted(p.name for p in (run_dir / "ppo" / "checkpoints").iterdir())
+    assert kept == ["step_00020", "step_00030"]
+    samples = read_jsonl(run_dir / "ppo" / "samples.jsonl")
+    assert sorted({s["step"] for s in samples}) == [1, 10, 20, 30]
+
+
+def test_saved_policy_is_plain_hf(learned):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    _, run_dir = learned
+    folder = run_dir / "ppo" / "policy"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template  # kept with the tokenizer
+    assert set(model.state_dict()) == set(AutoModelForCausalLM.from_pretrained(
+        __import__("rlhf.models", fromlist=["resolve_model"]).resolve_model("tiny-llama")).state_dict())
+    saved = load_file(str(folder / "model.safetensors"))
+    base = base_weights()
+    assert any(not torch.equal(saved[k], base[k]) for k in base)  # PPO changed the policy
+    final = checkpoint_state(run_dir, 30)
+    for k, v in saved.items():  # the saved policy is the last checkpoint's policy
+        torch.testing.assert_close(v, final[f"policy.{k}"], atol=0, rtol=0)
+    gen = pipeline("text-generation", model=model, tokenizer=tok)
+    out = gen("write a story about the day", max_new_tokens=5, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"].startswith("write")
+
+
+def test_value_head_mode_trains_its_head(upstream, tmp_path):
+    cfg, run_dir = ppo_run(upstream, tmp_path / "run", JUDGE, "ppo.value_model=head", "ppo.num_updates=3")
+    state = checkpoint_state(run_dir, 3)
+    assert not any(k.startswith("critic.") for k in state)
+    assert state["value_head.weight"].abs().sum() > 0  # zero-initialised, then trained
+    assert state["value_head.bias"].abs().sum() > 0
+    rows = metrics(run_dir)
+    assert rows[0]["val/value_mean"] == 0.0  # the zero head predicts 0 on the first rollout
+    assert all(math.isfinite(r["loss/value_avg"]) for r in rows)
+
+
+def test_critic_mode_starts_from_the_reward_model_and_trains(upstream, tmp_path):
+    cfg, run_dir = ppo_run(upstream, tmp_path / "run", JUDGE, "ppo.value_model=critic", "ppo.num_updates=3")
+    state = checkpoint_state(run_dir, 3)
+    assert "value_head.weight" not in state
+    rm = load_file(str(run_dir / "reward" / "model" / "model.safetensors"))
+    critic = {k[len("critic."):]: v for k, v in state.items() if k.startswith("critic.")}
+    assert set(critic) == set(rm)  # same architecture as the reward model
+    assert not torch.equal(critic["score.weight"], rm["score.weight"])
+    assert any(not torch.equal(critic[k], rm[k]) for k in rm if k != "score.weight")
+    # the first rollout's values are the RM's (unnormalised) outputs: not the zero of a fresh head
+    assert metrics(run_dir)[0]["val/value_mean"] != 0.0
+
+
+def test_lora_mode_saves_merged_policy(upstream, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg, run_dir = ppo_run(upstream, tmp_path / "run", JUDGE, "ppo.lora=true", "ppo.value_model=head",
+                           "ppo.num_updates=3", "ppo.lora_r=4")
+    state = checkpoint_state(run_dir, 3)
+    policy_keys = [k for k in state if k.startswith("policy.")]
+    assert policy_keys and all("lora_" in k for k in policy_keys)  # only the adapter is trained
+    folder = run_dir / "ppo" / "policy"
+    saved = load_file(str(folder / "model.safetensors"))
+    base = base_weights()
+    assert not any("lora" in k for k in saved)
+    assert set(saved) == set(base)
+    assert any(not torch.equal(saved[k], base[k]) for k in base)
+    assert all(torch.equal(saved[k], base[k]) for k in base if "embed" in k or "norm" in k)  # LoRA: linears only
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model(torch.tensor([[2, 10, 11]])).logits.shape[-1] == model.config.vocab_size
+    rows = metrics(run_dir)
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # adapter disabled == enabled at B = 0
+    assert all(math.isfinite(r["objective/kl"]) for r in rows)
+
+
+def test_non_finite_reward_stops_the_stage(upstream, tmp_path, monkeypatch):
+    def nan_score_fn(cfg, reward_dir, device, dtype):
+        return lambda prompts, texts: torch.full((len(texts),), float("nan"))
+
+    monkeypatch.setattr(ppo, "build_score_fn", nan_score_fn)
+    run_dir = copy_upstream(upstream, tmp_path / "run")
+    cfg = tiny_cfg(run_dir, "ppo.num_updates=2")
+    with pytest.raises(FloatingPointError, match="non-finite reward"):
+        run_pipeline(cfg, only="ppo")
+    assert not (run_dir / "ppo" / MARKER).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_result(upstream, tmp_path, monkeypatch):
+    overrides = [JUDGE, "ppo.num_updates=6", "ppo.save_every=3", "ppo.sample_every=2"]
+    _, dir_a = ppo_run(upstream, tmp_path / "a", *overrides)
+
+    dir_b = copy_upstream(upstream, tmp_path / "b")
+    cfg_b = tiny_cfg(dir_b, *overrides)
+    real_update, calls = ppo.ppo_update, []
+
+    def dies_on_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # update 5: after the step-3 checkpoint and update 4's logs
+            raise Killed()
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", dies_on_fifth)
+    with pytest.raises(Killed):
+        run_pipeline(cfg_b, only="ppo")
+    monkeypatch.setattr(ppo, "ppo_update", real_update)
+    ckpts = dir_b / "ppo" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00003"]
+    assert [r["step"] for r in metrics(dir_b)] == [1, 2, 3, 4]
+    assert not is_done(cfg_b, dir_b, "ppo")
+
+    loaded = []
+    real_load = ppo.load_checkpoint
+    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
+    run_pipeline(cfg_b, only="ppo")
+    assert loaded == ["step_00003"]
+    assert is_done(cfg_b, dir_b, "ppo")
+
+    rows_a, rows_b = metrics(dir_a), metrics(dir_b)
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]  # update 4's first log was dropped, not duplicated
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("objective/scores", "objective/kl", "objective/gold", "loss/policy_avg", "loss/value_avg",
+                    "policy/approxkl_avg", "lr"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
+    samples_a = read_jsonl(dir_a / "ppo" / "samples.jsonl")
+    samples_b = read_jsonl(dir_b / "ppo" / "samples.jsonl")
+    assert [s["step"] for s in samples_b] == [s["step"] for s in samples_a]
+    assert [s["response"] for s in samples_b] == [s["response"] for s in samples_a]
+    final_a = load_file(str(dir_a / "ppo" / "policy" / "model.safetensors"))
+    final_b = load_file(str(dir_b / "ppo" / "policy" / "model.safetensors"))
+    assert set(final_a) == set(final_b)
+    for k in final_a:
+        torch.testing.assert_close(final_b[k], final_a[k], atol=1e-6, rtol=0)
+    state_a, state_b = checkpoint_state(dir_a, 6), checkpoint_state(dir_b, 6)
+    for k in state_a:  # value model too
+        torch.testing.assert_close(state_b[k], state_a[k], atol=1e-6, rtol=0)
+
+
+def test_changed_config_restarts_instead_of_resuming(learned, tmp_path, monkeypatch):
+    """A checkpoint of another PPO config is ignored: the stage starts over and drops the old logs."""
+    _, src = learned
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    loaded = []
+    monkeypatch.setattr(ppo, "load_checkpoint", lambda *a: loaded.append(a) or 0)
+    cfg = tiny_cfg(run_dir, JUDGE, "ppo.num_updates=2", "ppo.save_every=1")
+    run_pipeline(cfg, only="ppo")
+    assert loaded == []
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "ppo" / "checkpoints").iterdir()) == ["step_00001", "step_00002"]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def write_checkpoint(path: Path, fingerprint: str | None, weights: bool = True, state_text: str | None = None):
+    path.mkdir(parents=True)
+    if state_text is not None:
+        (path / "trainer_state.json").write_text(state_text)
+    elif fingerprint is not None:
+        (path / "trainer_state.json").write_text(json.dumps({"update": int(path.name.split("_")[-1].split(".")[0]),
+                                                             "fingerprint": fingerprint}))
+    if weights:
+        (path / "trainable.safetensors").write_bytes(b"x")
+
+
+def test_latest_checkpoint_skips_incomplete_and_foreign(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    assert ppo.latest_checkpoint(ckpts, "fp") is None  # no folder at all
+    write_checkpoint(ckpts / "step_00003", "fp")
+    write_checkpoint(ckpts / "step_00004", "fp")
+    write_checkpoint(ckpts / "step_00005", "other")  # another config
+    write_checkpoint(ckpts / "step_00006", "fp", weights=False)  # weights missing
+    write_checkpoint(ckpts / "step_00007", None, state_text='{"update": 7, "finger')  # truncated JSON
+    write_checkpoint(ckpts / "step_00008", None, state_text="[]")  # JSON, but not a mapping
+    write_checkpoint(ckpts / "step_00009", None)  # no trainer_state.json
+    write_checkpoint(ckpts / ".step_00010.tmp", "fp")  # an unfinished atomic write
+    write_checkpoint(ckpts / ".step_00011.old", "fp")  # the leftover of a replaced folder
+    (ckpts / "step_00012").write_text("a file, not a folder")
+    assert ppo.latest_checkpoint(ckpts, "fp") == ckpts / "step_00004"
+    assert ppo.latest_checkpoint(ckpts, "other") == ckpts / "step_00005"
+    assert ppo.latest_checkpoint(ckpts, "nope") is None
+
+
+def test_latest_checkpoint_of_a_real_run(learned):
+    cfg, run_dir = learned
+    ckpts = run_dir / "ppo" / "checkpoints"
+    fp = stage_fingerprints(cfg)["ppo"]
+    assert ppo.latest_checkpoint(ckpts, fp) == ckpts / "step_00030"
+    assert ppo.latest_checkpoint(ckpts, stage_fingerprints(tiny_cfg(run_dir, JUDGE, "ppo.kl_coef=0.5"))["ppo"]) is None
+    state = json.loads((ckpts / "step_00030" / "trainer_state.json").read_text())
+    assert state["update"] == 30 and state["fingerprint"] == fp
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("rm", [("rm", 1.0)]),
+    ("vader", [("vader", 1.0)]),
+    ("rm:1.0,vader:0.5", [("rm", 1.0), ("vader", 0.5)]),
+    ("rm:2, vader:-0.5", [("rm", 2.0), ("vader", -0.5)]),
+    ("keyword:good", [("keyword:good", 1.0)]),
+    ("keyword:good:2", [("keyword:good", 2.0)]),
+    ("rm:0.5,keyword:good", [("rm", 0.5), ("keyword:good", 1.0)]),
+    ("mypkg.judges:score:1e-1", [("mypkg.judges:score", 0.1)]),
+])
+def test_parse_reward_spec(spec, expected):
+    assert ppo.parse_reward_spec(spec) == expected
+
+
+def test_build_score_fn_weighted_judges(upstream):
+    cfg = tiny_cfg(upstream, "ppo.reward=keyword:good:2,keyword:bad:-1")
+    fn = ppo.build_score_fn(cfg, upstream / "reward" / "model", "cpu", torch.float32)
+    scores = fn(["p"] * 3, ["good good bad", "bad", "nothing"])
+    assert scores.tolist() == [3.0, -1.0, 0.0]
+
+
+def test_build_score_fn_rm_matches_score_texts(upstream):
+    from reward_models.model import score_texts
+    from rlhf.models import load_reward_model, load_tokenizer
+
+    cfg = tiny_cfg(upstream, "ppo.reward=rm:1.0,keyword:good:0.5")
+    rm_dir = upstream / "reward" / "model"
+    fn = ppo.build_score_fn(cfg, rm_dir, "cpu", torch.float32)
+    prompts, texts = ["write a story", "tell me about the day"], ["good day", "bad rain"]
+    rm = load_reward_model(str(rm_dir)).eval()
+    expected = score_texts(rm, load_tokenizer(str(rm_dir), padding_side="right"), prompts, texts) \
+        + 0.5 * torch.tensor([1.0, 0.0])
+    torch.testing.assert_close(fn(prompts, texts), expected, atol=1e-5, rtol=0)
+
+
+class FakeAccelerator:
+    """`reduce(sum)` adds the statistics of the other processes' batches, as an all-reduce would."""
+
+    def __init__(self, others=()):
+        self.others = list(others)
+        self.num_processes = 1 + len(self.others)
+        self.device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction="sum"):
+        assert reduction == "sum"
+        for values, mask in self.others:
+            mask = mask.float()
+            tensor = tensor + torch.stack([(values * mask).sum(), (values * values * mask).sum(), mask.sum()])
+        return tensor
+
+
+def random_batch(seed, B=4, T=6):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(B, T, generator=g) * 3 + 1
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T) < lengths[:, None]).float()
+    values = torch.where(mask.bool(), values, torch.tensor(float("nan")))  # junk where masked
+    return values, mask
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_global_masked_whiten_single_process(shift_mean):
+    values, mask = random_batch(0)
+    got = ppo.global_masked_whiten(values, mask, FakeAccelerator(), shift_mean=shift_mean)
+    expected = ppo_core.masked_whiten(values, mask, shift_mean=shift_mean)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_global_masked_whiten_across_processes():
+    """Two processes whiten with the statistics of both batches: as whitening their concatenation."""
+    (v0, m0), (v1, m1) = random_batch(1), random_batch(2)
+    got = ppo.global_masked_whiten(v0, m0, FakeAccelerator([(torch.nan_to_num(v1), m1)]))
+    both = ppo_core.masked_whiten(torch.cat([v0, v1]), torch.cat([m0, m1]))
+    torch.testing.assert_close(got, both[: v0.shape[0]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, ppo_core.masked_whiten(v0, m0), atol=1e-3)
+
+
+def test_global_mean_single_process():
+    acc = FakeAccelerator()
+    assert ppo.global_mean(torch.tensor(2.5), acc) == 2.5
+    assert ppo.global_mean(3, acc) == 3.0
+
+
+def test_compute_advantages_are_whitened_over_response_tokens():
+    values, mask = random_batch(3)
+    B, T = mask.shape
+    g = torch.Generator().manual_seed(4)
+    rollout = SimpleNamespace(response_mask=mask, scores=torch.randn(B, generator=g),
+                              logprobs=-torch.rand(B, T, generator=g), ref_logprobs=-torch.rand(B, T, generator=g),
+                              values=torch.nan_to_num(values))
+    cfg = SimpleNamespace(kl_estimator="k1", whiten_rewards=False, gamma=1.0, lam=0.95)
+    out = ppo.compute_advantages(rollout, 0.1, cfg, FakeAccelerator())
+    m = mask.bool()
+    assert out.advantages[m].mean().abs() < 1e-5
+    assert out.advantages[m].std() == pytest.approx(1.0, abs=1e-4)
+    assert (out.advantages[~m] == 0).all() and (out.returns[~m] == 0).all()
+    rewards, kl = ppo_core.per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, 0.1)
+    torch.testing.assert_close(out.rewards, rewards)
+    torch.testing.assert_close(out.kl, kl)
