@@ -9,6 +9,7 @@ correlation of RM scores with gold scores).
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from pathlib import Path
@@ -100,7 +101,10 @@ def reference_responses(cfg: PipelineConfig, pairs: list[dict[str, Any]], simula
                            limit=cfg.reward.normalize_samples)
     enc = encode_prompts(prompts, tok, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
                          cfg.model.use_chat_template, cfg.model.system_prompt)
-    policy = load_causal_lm(cfg.model.policy, torch.float32, cfg.model.trust_remote_code).eval()
+    from rlhf.models import default_dtype
+
+    dtype = default_dtype(cfg.model.dtype, "cpu")
+    policy = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).eval()
     torch.manual_seed(cfg.run.seed)
     texts = generate_texts(policy, tok, enc.input_ids, cfg.ppo.max_new_tokens, cfg.ppo.temperature,
                            cfg.prefs.batch_size, stop_token_ids(tok, cfg.ppo.stop_tokens), progress="reference samples")
@@ -143,7 +147,8 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     tokenizer = load_tokenizer(backbone, cfg.model.trust_remote_code, padding_side="right")
     use_gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
     dtype = default_dtype(cfg.model.dtype, "cuda" if use_gpu else "cpu")
-    model = load_reward_model(backbone, dtype, cfg.model.trust_remote_code, rc.num_layers)
+    # fp32 master weights; bf16 (where `dtype` says so) through the trainer's autocast
+    model = load_reward_model(backbone, torch.float32, cfg.model.trust_remote_code, rc.num_layers)
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = None
     if rc.lora:
@@ -160,7 +165,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
             learning_rate=rc.learning_rate, lr_scheduler_type="linear", warmup_steps=0.05, logging_steps=5,
             save_strategy="no", report_to="none", max_length=None,
             center_rewards_coefficient=rc.center_rewards_coefficient, disable_dropout=True, seed=cfg.run.seed,
-            use_cpu=not use_gpu, bf16=use_gpu and dtype == torch.bfloat16, dataloader_num_workers=0,
+            use_cpu=not use_gpu, bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
             remove_unused_columns=False,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
@@ -170,6 +175,8 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     if rc.lora:
         model = model.merge_and_unload()
     model.eval()
+    trained = model
+    model = copy.deepcopy(trained).to(dtype)  # evaluate and normalise in the dtype consumers will score in
 
     metrics = {"train_pairs": len(train_pairs)}
     metrics.update({f"test_{k}": v for k, v in evaluate_pairs(model, tokenizer, test_pairs, rc.max_length).items()})
@@ -180,11 +187,11 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     std = raw.std().item() if rc.normalize_std and len(raw) > 1 else 1.0
     if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
         raise RuntimeError(f"reward model produced invalid scores on reference responses (mean {mean}, std {std})")
-    model.config.reward_mean, model.config.reward_std = mean, std
+    trained.config.reward_mean, trained.config.reward_std = mean, std
     metrics.update(reference_raw_mean=mean, reference_raw_std=std, reference_samples=len(raw))
 
     with atomic_dir(out / "model") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        trained.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     atomic_write_json(out / "metrics.json", metrics)
     tracker.log({f"reward/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)

@@ -147,7 +147,9 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
-    policy = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code)
+    # Trained weights are fp32 (bf16 comes through autocast); LoRA's frozen base and the reference are
+    # stored in `dtype` directly.
+    policy = load_causal_lm(cfg.model.policy, dtype if cfg.ppo.lora else torch.float32, cfg.model.trust_remote_code)
     ref_policy = None
     if cfg.ppo.lora:
         policy = add_lora(policy, cfg.ppo)
@@ -158,9 +160,10 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     if cfg.ppo.value_model == "critic":
         rm_tokenizer = load_tokenizer(str(reward_dir), cfg.model.trust_remote_code)
         if same_tokenizer(rm_tokenizer, tokenizer):
-            critic = load_reward_model(str(reward_dir), dtype, cfg.model.trust_remote_code)
+            critic = load_reward_model(str(reward_dir), torch.float32, cfg.model.trust_remote_code)
         else:  # the RM reads another vocabulary: start the critic from the policy's own backbone
-            critic = load_reward_model(cfg.model.policy, dtype, cfg.model.trust_remote_code, cfg.reward.num_layers)
+            critic = load_reward_model(cfg.model.policy, torch.float32, cfg.model.trust_remote_code,
+                                       cfg.reward.num_layers)
     model = PolicyAndValue(policy, critic).to(device)
     model.policy.config.use_cache = True
     if ref_policy is not None:
@@ -326,7 +329,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
 
     pc = cfg.ppo
     reward_dir = require_done(cfg, run_dir, "reward", "ppo") / "model"
-    accelerator = Accelerator(cpu=cfg.run.device == "cpu", gradient_accumulation_steps=pc.gradient_accumulation_steps)
+    probe = "cpu" if cfg.run.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    dtype = default_dtype(cfg.model.dtype, probe)
+    accelerator = Accelerator(cpu=probe == "cpu", gradient_accumulation_steps=pc.gradient_accumulation_steps,
+                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     sizes = ppo_sizes(pc, accelerator.num_processes)
     out = Path(run_dir) / "ppo"
     fingerprint = stage_fingerprints(cfg)["ppo"]
@@ -335,7 +341,6 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
         torch.set_num_threads(cfg.run.threads)
 
     # 0. data, models, reward, optimiser
-    dtype = default_dtype(cfg.model.dtype, accelerator.device)
     model, ref_policy, tokenizer = build_models(cfg, reward_dir, accelerator.device, dtype)
     prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split, cfg.data.max_train_prompts)
     enc = encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
@@ -384,11 +389,12 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
         local = batch[accelerator.process_index * sizes.local_batch_size:][: sizes.local_batch_size].tolist()
         # 2. rollout, 3. advantages
         model.eval()
-        rollout = collect_rollout(
-            model, ref_policy, [enc.prompts[i] for i in local], [enc.input_ids[i] for i in local], tokenizer,
-            score_fn, gold_fn, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, stop_ids=stop_ids,
-            micro_batch_size=sizes.micro_batch_size, missing_eos_penalty=pc.missing_eos_penalty,
-            score_clip=pc.score_clip)
+        with accelerator.autocast():
+            rollout = collect_rollout(
+                model, ref_policy, [enc.prompts[i] for i in local], [enc.input_ids[i] for i in local], tokenizer,
+                score_fn, gold_fn, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, stop_ids=stop_ids,
+                micro_batch_size=sizes.micro_batch_size, missing_eos_penalty=pc.missing_eos_penalty,
+                score_clip=pc.score_clip)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, accelerator)
         # 4. PPO update (value only during critic warm-up)
         model.train()

@@ -237,9 +237,12 @@ def test_dtype_option():
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-def test_default_dtype():
+def test_default_dtype(monkeypatch):
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")
     assert default_dtype("auto", "cpu") == torch.float32
-    assert default_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")  # a CPU with AMX
+    assert default_dtype("auto", "cpu") == torch.bfloat16
+    assert default_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert default_dtype("bfloat16", "cpu") == torch.bfloat16
     assert default_dtype("float16", "cpu") == torch.float16
     assert default_dtype("float32", "cuda") == torch.float32
