@@ -135,6 +135,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     from rlhf.models import default_dtype, load_reward_model, load_tokenizer
     from rlhf.pipeline import require_done
     from rlhf.tracking import Tracker
+    from rlhf.utils import set_seed
     from reward_models.model import score_texts
 
     console = Console(stderr=True)
@@ -148,6 +149,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     use_gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
     dtype = default_dtype(cfg.model.dtype, "cuda" if use_gpu else "cpu")
     # fp32 master weights; bf16 (where `dtype` says so) through the trainer's autocast
+    set_seed(cfg.run.seed)  # the new score head is initialised from the seed
     model = load_reward_model(backbone, torch.float32, cfg.model.trust_remote_code, rc.num_layers)
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = None

@@ -11,6 +11,8 @@ its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import random
@@ -168,7 +170,51 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     model.policy.config.use_cache = True
     if ref_policy is not None:
         ref_policy.to(device)
-    return model, ref_policy, tokenizer
+    sampler = None
+    if cfg.ppo.lora or dtype != torch.float32:
+        # Generation runs from a plain copy in `dtype`, refreshed after every update: with LoRA the
+        # adapters are merged into it, so sampling pays neither the adapter path nor fp32 casts.
+        base = policy.get_base_model() if cfg.ppo.lora else policy
+        with _adapters_hidden(policy):
+            sampler = copy.deepcopy(base).to(dtype).eval().requires_grad_(False)
+        sync_sampler(sampler, policy)
+    return model, ref_policy, sampler, tokenizer
+
+
+@contextlib.contextmanager
+def _adapters_hidden(policy):
+    """Temporarily swap LoRA layers for their base layers (to copy the plain model underneath)."""
+    from peft.tuners.lora import LoraLayer
+
+    swapped = []
+    for name, module in list(policy.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent = policy.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], module.base_layer)
+            swapped.append((parent, name.rsplit(".", 1)[1], module))
+    try:
+        yield
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
+
+
+@torch.no_grad()
+def sync_sampler(sampler, policy) -> None:
+    """Copy the trained weights into the generation copy: W for full fine-tuning, W + BA for LoRA."""
+    if not hasattr(policy, "get_base_model"):
+        for target, source in zip(sampler.parameters(), policy.parameters()):
+            target.copy_(source)
+        return
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    for name, module in policy.named_modules():
+        if isinstance(module, LoraLayer):
+            target = sampler.get_submodule(name[len(prefix):] if name.startswith(prefix) else name)
+            delta = module.get_delta_weight(module.active_adapter[0] if isinstance(module.active_adapter, list)
+                                            else module.active_adapter)
+            target.weight.copy_(module.base_layer.weight.float() + delta.float())
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
@@ -341,7 +387,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
         torch.set_num_threads(cfg.run.threads)
 
     # 0. data, models, reward, optimiser
-    model, ref_policy, tokenizer = build_models(cfg, reward_dir, accelerator.device, dtype)
+    model, ref_policy, sampler, tokenizer = build_models(cfg, reward_dir, accelerator.device, dtype)
     prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split, cfg.data.max_train_prompts)
     enc = encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
                          cfg.model.use_chat_template, cfg.model.system_prompt)
@@ -351,7 +397,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
     gold_fn = get_judge(cfg.prefs.judge) if cfg.prefs.judge else None
     stop_ids = stop_token_ids(tokenizer, pc.stop_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=pc.learning_rate, eps=1e-5)
+    # the fused kernel: one pass over all parameters instead of a loop of small ops (~5x faster on CPU)
+    optimizer = torch.optim.AdamW(params, lr=pc.learning_rate, eps=1e-5, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, pc.warmup_steps, sizes.optimizer_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (ppo_core.AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
@@ -363,6 +410,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
     ckpt = latest_checkpoint(ckpt_dir, fingerprint)
     if ckpt is not None:
         start = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl)
+        if sampler is not None:
+            sync_sampler(sampler, accelerator.unwrap_model(model).policy)
         accelerator.print(f"resuming PPO from {ckpt} (update {start}/{pc.num_updates})")
     else:
         for stale in ("metrics.jsonl", "samples.jsonl"):
@@ -394,13 +443,15 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
                 model, ref_policy, [enc.prompts[i] for i in local], [enc.input_ids[i] for i in local], tokenizer,
                 score_fn, gold_fn, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, stop_ids=stop_ids,
                 micro_batch_size=sizes.micro_batch_size, missing_eos_penalty=pc.missing_eos_penalty,
-                score_clip=pc.score_clip)
+                score_clip=pc.score_clip, sampler=sampler)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, accelerator)
         # 4. PPO update (value only during critic warm-up)
         model.train()
         t_train = time.perf_counter()
         stats = ppo_update(model, optimizer, scheduler, rollout, pc, sizes, accelerator,
                            train_policy=update >= pc.critic_warmup_updates)
+        if sampler is not None:
+            sync_sampler(sampler, accelerator.unwrap_model(model).policy)
         model.eval()
         timings = {**rollout.timings, "train": time.perf_counter() - t_train}
         # 5. log, adapt β, checkpoint

@@ -405,3 +405,19 @@ def test_compute_advantages_are_whitened_over_response_tokens():
     rewards, kl = ppo_core.per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, 0.1)
     torch.testing.assert_close(out.rewards, rewards)
     torch.testing.assert_close(out.kl, kl)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_path_trains_fp32_weights_and_samples_from_a_bf16_copy(tmp_path, lora):
+    """model.dtype=bfloat16: frozen models and the sampler in bf16, trained weights fp32 under autocast."""
+    cfg = tiny_cfg(tmp_path / "run", JUDGE, "model.dtype=bfloat16", "ppo.num_updates=3", f"ppo.lora={str(lora).lower()}")
+    run_pipeline(cfg)
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 3
+    assert abs(rows[0]["objective/kl"]) < 0.5  # policy and reference agree up to bf16 rounding at the start
+    assert all(math.isfinite(r["loss/policy_avg"]) and math.isfinite(r["objective/kl"]) for r in rows)
+    state = checkpoint_state(tmp_path / "run", 3)
+    assert all(v.dtype == torch.float32 for v in state.values())  # master weights stay fp32
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ppo" / "policy")
