@@ -65,18 +65,11 @@ def win_rate(a: list[float], b: list[float], samples: int, seed: int) -> tuple[f
 def sequence_logprobs(model, query_responses, attention_mask, responses, response_mask, context_length: int,
                       temperature: float, batch_size: int) -> torch.Tensor:
     """Per-token logprobs (B, R) of the responses under `model`, masked after the stop token."""
-    from rlhf.ppo_core import logprobs_from_logits
-    from rlhf.rollout import causal_lm_parts, position_ids_from_mask
+    from rlhf.rollout import forward_logprobs
 
-    trunk, lm_head = causal_lm_parts(model)
-    out = []
-    for i in range(0, query_responses.shape[0], batch_size):
-        qr, am = query_responses[i:i + batch_size], attention_mask[i:i + batch_size]
-        hidden = trunk(input_ids=qr, attention_mask=am, position_ids=position_ids_from_mask(am),
-                       use_cache=False).last_hidden_state
-        logits = lm_head(hidden[:, context_length - 1:-1])
-        out.append(logprobs_from_logits(logits, responses[i:i + batch_size], temperature))
-    return torch.cat(out) * response_mask
+    logprobs, _ = forward_logprobs(None, model, query_responses, attention_mask, responses, context_length,
+                                   temperature, batch_size, with_values=False)
+    return logprobs * response_mask
 
 
 def encode_eval_prompts(cfg: PipelineConfig, prompts: list[Any], tokenizer):
