@@ -64,19 +64,17 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict[str, Any]], max_length: in
     return metrics
 
 
-class _ForwardLogs:
+def forward_logs(tracker):
     """A TrainerCallback that forwards RewardTrainer's logs to our Tracker."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, tracker):
-        from transformers import TrainerCallback
+    class ForwardLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                tracker.log({f"reward/{k}": v for k, v in logs.items() if isinstance(v, (int, float))},
+                            step=state.global_step)
 
-        class Callback(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs:
-                    tracker.log({f"reward/{k}": v for k, v in logs.items() if isinstance(v, (int, float))},
-                                step=state.global_step)
-
-        return Callback()
+    return ForwardLogs()
 
 
 def reference_responses(cfg: PipelineConfig, pairs: list[dict[str, Any]], simulated: bool) -> tuple[list, list[str]]:
@@ -171,7 +169,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
             remove_unused_columns=False,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                                peft_config=peft_config, callbacks=[_ForwardLogs(tracker)])
+                                peft_config=peft_config, callbacks=[forward_logs(tracker)])
         trainer.train()
         model = trainer.model
     if rc.lora:

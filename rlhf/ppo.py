@@ -11,7 +11,6 @@ its last checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -174,29 +173,11 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     if cfg.ppo.lora or dtype != torch.float32:
         # Generation runs from a plain copy in `dtype`, refreshed after every update: with LoRA the
         # adapters are merged into it, so sampling pays neither the adapter path nor fp32 casts.
-        base = policy.get_base_model() if cfg.ppo.lora else policy
-        with _adapters_hidden(policy):
-            sampler = copy.deepcopy(base).to(dtype).eval().requires_grad_(False)
+        sampler = copy.deepcopy(policy)
+        sampler = sampler.merge_and_unload() if cfg.ppo.lora else sampler
+        sampler = sampler.to(dtype).eval().requires_grad_(False)
         sync_sampler(sampler, policy)
     return model, ref_policy, sampler, tokenizer
-
-
-@contextlib.contextmanager
-def _adapters_hidden(policy):
-    """Temporarily swap LoRA layers for their base layers (to copy the plain model underneath)."""
-    from peft.tuners.lora import LoraLayer
-
-    swapped = []
-    for name, module in list(policy.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent = policy.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[1], module.base_layer)
-            swapped.append((parent, name.rsplit(".", 1)[1], module))
-    try:
-        yield
-    finally:
-        for parent, attr, module in swapped:
-            setattr(parent, attr, module)
 
 
 @torch.no_grad()

@@ -140,3 +140,25 @@ def test_rerun_skips_every_stage(tiny_run):
     for stage in STAGES:
         assert f"{stage}: done with this config, skipped" in proc.stderr
     assert seconds < max(30.0, tiny_run.seconds / 3), f"rerun took {seconds:.0f}s (first run {tiny_run.seconds:.0f}s)"
+
+
+def test_eval_checkpoints_gives_a_curve(tiny_run_dir, tmp_path):
+    """eval.checkpoints=true evaluates every kept checkpoint before the final policy (a curve)."""
+    import shutil
+
+    from rlhf.config import load_config
+    from rlhf.pipeline import run_pipeline
+    from rlhf.utils import read_jsonl
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}", "run.device=cpu",
+                                            "eval.checkpoints=true", "eval.num_prompts=8"])
+    run_pipeline(cfg, only="eval")
+    curve = read_jsonl(run_dir / "eval" / "checkpoints.jsonl")
+    # keep_checkpoints=2 leaves step_00020 and step_00030; the latter is the final policy itself
+    assert [r["checkpoint"] for r in curve] == ["step_00020", "final"]
+    assert [r["step"] for r in curve] == [20, 30]
+    assert all(r["num_prompts"] == 8 and r["kl"] == r["kl"] for r in curve)
+    final = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert curve[-1]["policy_gold"] == final["policy_gold"]
