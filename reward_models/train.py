@@ -130,7 +130,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     from rich.console import Console
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.models import default_dtype, load_reward_model, load_tokenizer
+    from rlhf.models import default_dtype, load_reward_model, load_tokenizer, set_training_attention
     from rlhf.pipeline import require_done
     from rlhf.tracking import Tracker
     from rlhf.utils import set_seed
@@ -150,6 +150,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     set_seed(cfg.run.seed)  # the new score head is initialised from the seed
     model = load_reward_model(backbone, torch.float32, cfg.model.trust_remote_code, rc.num_layers)
     model.config.pad_token_id = tokenizer.pad_token_id
+    set_training_attention(model, "cuda" if use_gpu else "cpu")
     peft_config = None
     if rc.lora:
         from peft import LoraConfig

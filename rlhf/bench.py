@@ -57,6 +57,17 @@ def forward_flops_per_token(config) -> float:
     return 2.0 * layers * (attn + mlp_mats * h * inter)
 
 
+def untrained_reward_model(cfg: PipelineConfig, out: Path) -> None:
+    """A reward model / critic folder with the policy's backbone and a seeded random score head."""
+    from rlhf.models import load_reward_model, load_tokenizer
+
+    torch.manual_seed(cfg.run.seed)
+    model = load_reward_model(cfg.model.policy, torch.float32, cfg.model.trust_remote_code, cfg.reward.num_layers)
+    model.config.pad_token_id = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code).pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code).save_pretrained(out)
+
+
 def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -78,11 +89,9 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
         reward_dir = scratch / "reward"
         if is_done(cfg, src, "reward"):
             shutil.copytree(src / "reward", reward_dir)
-        elif "rm" in [p.split(":")[0] for p in cfg.ppo.reward.split(",")]:
-            raise UserError(f"no trained reward model in {src}: run `rlhf reward` first, or bench with "
-                            f"ppo.reward=vader ppo.value_model=head")
-        else:  # a judge reward: the PPO stage still expects a finished reward stage, fake its marker
-            reward_dir.mkdir(parents=True)
+        else:  # timing only: an untrained RM of the configured shape (the policy's first reward.num_layers)
+            console.print(f"[yellow]no trained reward model in {src}: timing with an untrained one[/yellow]")
+            untrained_reward_model(cfg, reward_dir / "model")
         (reward_dir / MARKER).write_text(json.dumps({"fingerprint": stage_fingerprints(bench_cfg)["reward"]}))
         run_ppo(bench_cfg, scratch)
         rows = read_jsonl(scratch / "ppo" / "metrics.jsonl")[1:]
@@ -95,24 +104,31 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     med = {k: statistics.median(r[f"time/{k}"] for r in rows) for k in ("update", "generate", "forward", "score", "train")}
     med["other"] = med["update"] - med["generate"] - med["forward"] - med["score"] - med["train"]
     policy_cfg = AutoConfig.from_pretrained(resolve_model(cfg.model.policy))
-    per_token = forward_flops_per_token(policy_cfg)
+    text_cfg = policy_cfg.get_text_config()
     pc = cfg.ppo
-    seq_tokens = pc.batch_size * (statistics.median(r["val/response_length"] for r in rows) + cfg.data.max_prompt_tokens / 2)
-    vocab_head = 2.0 * policy_cfg.get_text_config().hidden_size * policy_cfg.get_text_config().vocab_size
-    resp_tokens = pc.batch_size * pc.max_new_tokens
-    fwd = per_token * seq_tokens + vocab_head * resp_tokens  # one policy forward over the batch
-    train_mult = 3.0 if not pc.lora else 2.0  # backward ≈ 2× forward; LoRA skips weight gradients
-    train_flops = pc.ppo_epochs * train_mult * fwd
-    forward_flops = 2 * fwd  # policy (+values) and reference
+    # every position of the padded (B, P + R) batch is computed; the LM head only on the R response positions
+    seq_tokens = pc.batch_size * statistics.median(r["val/sequence_width"] for r in rows)
+    policy_fwd = (forward_flops_per_token(policy_cfg) * seq_tokens
+                  + 2.0 * text_cfg.hidden_size * text_cfg.vocab_size * pc.batch_size * pc.max_new_tokens)
+    critic_layers = cfg.reward.num_layers or text_cfg.num_hidden_layers
+    critic_fwd = (forward_flops_per_token(policy_cfg) * seq_tokens * critic_layers / text_cfg.num_hidden_layers
+                  if pc.value_model == "critic" else 0.0)
+    # backward ≈ 2× forward (input and weight gradients); with LoRA the policy skips its weight gradients
+    train_flops = pc.ppo_epochs * ((2.0 if pc.lora else 3.0) * policy_fwd + 3.0 * critic_fwd)
+    forward_flops = 2 * policy_fwd + critic_fwd  # policy with values, and reference
     result = {
         "seconds_per_update": med["update"], **{f"seconds_{k}": v for k, v in med.items() if k != "update"},
         "generated_tokens_per_second": statistics.median(r["tokens_per_second"] for r in rows),
+        "response_length": statistics.median(r["val/response_length"] for r in rows),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "matmul_peak_gflops": peak / 1e9,
+        "train_gflops_per_second": train_flops / med["train"] / 1e9,
+        "forward_gflops_per_second": forward_flops / med["forward"] / 1e9,
         "train_share_of_peak": train_flops / med["train"] / peak,
         "forward_share_of_peak": forward_flops / med["forward"] / peak,
         "device": device, "dtype": str(dtype).replace("torch.", ""), "updates_timed": len(rows),
     }
+    per_update = [round(r["time/update"], 3) for r in rows]
     table = Table(title=f"PPO benchmark: {cfg.model.policy}, batch {pc.batch_size}, {len(rows)} updates timed")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -120,5 +136,5 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
         table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     Console().print(table)
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2))
+        Path(json_out).write_text(json.dumps({**result, "per_update_seconds": per_update}, indent=2))
     return result

@@ -178,6 +178,9 @@ class PPOConfig:
     """Gradient clipping norm."""
     max_new_tokens: int = 48
     """Response length limit."""
+    min_new_tokens: int = 0
+    """Stop tokens are masked out before this many tokens (`max_new_tokens` gives fixed-length responses, as
+    in benchmarks; the masking is not in the logprobs, so keep 0 for training)."""
     temperature: float = 1.0
     """Sampling temperature; logprobs use the same temperature."""
     stop_tokens: list[str] = field(default_factory=list)
@@ -484,6 +487,9 @@ def validate(cfg: PipelineConfig) -> None:
     for key, value in {"ppo.gamma": cfg.ppo.gamma, "ppo.lam": cfg.ppo.lam}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    if not 0 <= cfg.ppo.min_new_tokens <= cfg.ppo.max_new_tokens:
+        raise ConfigError(f"ppo.min_new_tokens must be in [0, ppo.max_new_tokens={cfg.ppo.max_new_tokens}], "
+                          f"got {cfg.ppo.min_new_tokens}")
     if cfg.ppo.kl_coef < 0:
         raise ConfigError(f"ppo.kl_coef must be >= 0, got {cfg.ppo.kl_coef}")
     if cfg.ppo.critic_warmup_updates >= cfg.ppo.num_updates:

@@ -191,6 +191,14 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
     return model
 
 
+def set_training_attention(model, device: torch.device | str) -> None:
+    """Eager attention for a model trained on the CPU: at RLHF lengths (~100 tokens) its backward is ~20%
+    faster per step there than SDPA's CPU flash-attention kernel (generation keeps SDPA, which is faster)."""
+    if torch.device(device).type == "cpu":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_attn_implementation("eager")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Set every dropout probability to 0 (DESIGN: dropout off in all PPO models)."""
     for module in model.modules():

@@ -145,7 +145,7 @@ def policy_from_checkpoint(cfg: PipelineConfig, ckpt: Path, dtype):
 
 def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     """(PolicyAndValue, frozen reference or None with LoRA, tokenizer) as DESIGN detail 8 describes."""
-    from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer
+    from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer, set_training_attention
 
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     # Trained weights are fp32 (bf16 comes through autocast); LoRA's frozen base and the reference are
@@ -165,6 +165,10 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
         else:  # the RM reads another vocabulary: start the critic from the policy's own backbone
             critic = load_reward_model(cfg.model.policy, torch.float32, cfg.model.trust_remote_code,
                                        cfg.reward.num_layers)
+    generation_attention = policy.config._attn_implementation
+    for trained in (policy, critic):
+        if trained is not None:
+            set_training_attention(trained, device)
     model = PolicyAndValue(policy, critic).to(device)
     model.policy.config.use_cache = True
     if ref_policy is not None:
@@ -176,6 +180,7 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
         sampler = copy.deepcopy(policy)
         sampler = sampler.merge_and_unload() if cfg.ppo.lora else sampler
         sampler = sampler.to(dtype).eval().requires_grad_(False)
+        sampler.set_attn_implementation(generation_attention)
         sync_sampler(sampler, policy)
     return model, ref_policy, sampler, tokenizer
 
@@ -327,6 +332,7 @@ def rollout_metrics(rollout: Rollout, kl_coef: float, accelerator) -> dict[str, 
         "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (rollout.scores + non_score).mean(),
         "objective/entropy": (-rollout.logprobs * mask).sum(1).mean(),
         "val/num_eos_tokens": rollout.has_stop.float().sum(), "val/response_length": mask.sum(1).float().mean(),
+        "val/sequence_width": torch.tensor(float(rollout.responses.shape[1] + rollout.queries.shape[1])),
         "val/value_mean": ppo_core.masked_mean(rollout.values, mask),
         "val/advantage_mean": ppo_core.masked_mean(rollout.advantages, mask),
         "objective/kl_coef": torch.tensor(kl_coef),
@@ -424,7 +430,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
                 model, ref_policy, [enc.prompts[i] for i in local], [enc.input_ids[i] for i in local], tokenizer,
                 score_fn, gold_fn, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, stop_ids=stop_ids,
                 micro_batch_size=sizes.micro_batch_size, missing_eos_penalty=pc.missing_eos_penalty,
-                score_clip=pc.score_clip, sampler=sampler)
+                score_clip=pc.score_clip, sampler=sampler, min_new_tokens=pc.min_new_tokens)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, accelerator)
         # 4. PPO update (value only during critic warm-up)
         model.train()

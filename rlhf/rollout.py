@@ -131,7 +131,7 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
                     tokenizer, score_fn: Callable[[list[Any], list[str]], torch.Tensor],
                     gold_fn: Callable[[list[str]], list[float]] | None, *, max_new_tokens: int, temperature: float,
                     stop_ids: list[int], micro_batch_size: int, missing_eos_penalty: float | None = None,
-                    score_clip: float | None = None, sampler=None) -> Rollout:
+                    score_clip: float | None = None, sampler=None, min_new_tokens: int = 0) -> Rollout:
     """Sample one batch and compute logprobs, reference logprobs, values and scores (DESIGN details 1-4).
 
     `sampler` is the model that generates (default: the policy), e.g. a bf16 copy of fp32 weights."""
@@ -144,7 +144,8 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     queries, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     with torch.autocast(device.type, enabled=False):  # the sampler already holds its weights in its dtype
         responses, response_mask = sample(sampler or unwrap(model).policy, queries, query_mask, max_new_tokens,
-                                          temperature, stop_ids, tokenizer.pad_token_id)
+                                          temperature, stop_ids, tokenizer.pad_token_id,
+                                          min_new_tokens=min_new_tokens)
     timings["generate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # 2. policy logprobs and values, reference logprobs: one forward each over prompt + response

@@ -37,7 +37,12 @@ def test_bench_on_tiny_with_a_judge_reward(tmp_path, capsys):
     assert "PPO benchmark" in capsys.readouterr().out
 
 
-def test_bench_needs_a_reward_model_for_rm_reward(tmp_path):
-    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path / 'run'}"])
-    with pytest.raises(UserError, match="reward"):
-        run_bench(cfg, updates=2)
+def test_bench_without_a_trained_rm_times_an_untrained_one_at_fixed_length(tmp_path, capsys):
+    # the side-by-side setting: RM and full-size critic from the policy backbone, fixed-length responses
+    cfg = load_config("benchmarks/same_work_tiny.yaml", [f"run.output_dir={tmp_path / 'run'}", "ppo.max_new_tokens=8",
+                                                         "ppo.min_new_tokens=8"])
+    result = run_bench(cfg, updates=2)
+    assert result["updates_timed"] == 1
+    assert result["response_length"] == 8  # no response stopped early
+    assert result["train_share_of_peak"] > 0
+    assert "untrained" in capsys.readouterr().err
