@@ -102,7 +102,7 @@ def _summary(cfg, outputs: dict[str, Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf.config import ConfigError
-    from rlhf.utils import UserError
+    from rlhf.utils import UserError, keep_freed_memory
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow options (`--only ppo a.b=1`)
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()
     try:
         return _run(args)
     except (ConfigError, UserError, FileNotFoundError) as e:

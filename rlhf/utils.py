@@ -17,6 +17,26 @@ class UserError(Exception):
     """A problem the user can fix (bad input, missing file); the CLI prints it as one line and exits 2."""
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks up to 32 MiB for reuse instead of returning them to the OS.
+
+    A training step frees and reallocates the same activation buffers every time; by default glibc unmaps
+    blocks over 128 KiB and trims the heap, so each step page-faults its buffers in again (~10% of a CPU PPO
+    step, measured). Returns False where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
