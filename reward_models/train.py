@@ -130,7 +130,8 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     from rich.console import Console
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.models import default_dtype, load_reward_model, load_tokenizer, set_training_attention
+    from rlhf.models import (cast_parameters, default_dtype, load_reward_model, load_tokenizer,
+                             set_training_attention)
     from rlhf.pipeline import require_done
     from rlhf.tracking import Tracker
     from rlhf.utils import set_seed
@@ -177,7 +178,8 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
         model = model.merge_and_unload()
     model.eval()
     trained = model
-    model = copy.deepcopy(trained).to(dtype)  # evaluate and normalise in the dtype consumers will score in
+    # evaluate and normalise in the dtype consumers will score in (parameters only, as their loading does)
+    model = cast_parameters(copy.deepcopy(trained), dtype)
 
     metrics = {"train_pairs": len(train_pairs)}
     metrics.update({f"test_{k}": v for k, v in evaluate_pairs(model, tokenizer, test_pairs, rc.max_length).items()})

@@ -72,7 +72,7 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     from rich.console import Console
     from rich.table import Table
 
-    from rlhf.models import resolve_model
+    from rlhf.models import default_dtype, resolve_model
     from rlhf.pipeline import MARKER, is_done, stage_fingerprints
     from rlhf.ppo import run_ppo
     from transformers import AutoConfig
@@ -115,7 +115,11 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
                   if pc.value_model == "critic" else 0.0)
     # backward ≈ 2× forward (input and weight gradients); with LoRA the policy skips its weight gradients
     train_flops = pc.ppo_epochs * ((2.0 if pc.lora else 3.0) * policy_fwd + 3.0 * critic_fwd)
-    forward_flops = 2 * policy_fwd + critic_fwd  # policy with values, and reference
+    # policy with values, and reference; an fp32 policy that samples itself with a critic reuses generation's
+    # logprobs and skips its forward (rlhf.rollout)
+    reuses_generation = (not pc.lora and pc.value_model == "critic"
+                         and default_dtype(cfg.model.dtype, device) == torch.float32)
+    forward_flops = (1 if reuses_generation else 2) * policy_fwd + critic_fwd
     result = {
         "seconds_per_update": med["update"], **{f"seconds_{k}": v for k, v in med.items() if k != "update"},
         "generated_tokens_per_second": statistics.median(r["tokens_per_second"] for r in rows),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.ppo_core import truncate_after_stop_token
+from rlhf.ppo_core import logprobs_from_logits, truncate_after_stop_token
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"):
@@ -37,25 +37,36 @@ def stop_token_ids(tokenizer, extra: list[str] | None = None) -> list[int]:
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, stop_ids: list[int], pad_token_id: int, greedy: bool = False,
-           min_new_tokens: int = 0):
+           min_new_tokens: int = 0, return_logprobs: bool = False):
     """Sample responses with the KV cache; returns (responses, response_mask), both (B, R).
 
     `top_k=0, top_p=1` keeps the sampled distribution equal to softmax(logits / T), the one the
     PPO logprobs describe. Responses are cut after their first stop token (kept, mask 1); the rest
-    is padding with mask 0. R is always `max_new_tokens`.
+    is padding with mask 0. R is always `max_new_tokens`. With `return_logprobs`, also the (B, R)
+    log-probabilities of the sampled tokens under the model's raw logits at `temperature` (0 on padding).
     """
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, eos_token_id=stop_ids if stop_ids else None,
-        pad_token_id=pad_token_id, use_cache=True, **kwargs,
+        pad_token_id=pad_token_id, use_cache=True, return_dict_in_generate=True, output_logits=return_logprobs,
+        **kwargs,
     )
-    responses = out[:, input_ids.shape[1]:]  # (B, <=R)
-    if responses.shape[1] < max_new_tokens:  # every row stopped early
-        fill = torch.full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id,
+    responses = out.sequences[:, input_ids.shape[1]:]  # (B, <=R)
+    logprobs = None
+    if return_logprobs:  # one (B, V) row of raw logits per step: reduce each to the sampled token's logprob
+        logprobs = torch.stack([logprobs_from_logits(step.unsqueeze(1), responses[:, t:t + 1], temperature)[:, 0]
+                                for t, step in enumerate(out.logits)], dim=1)  # (B, <=R)
+    width = responses.shape[1]
+    if width < max_new_tokens:  # every row stopped early
+        fill = torch.full((responses.shape[0], max_new_tokens - width), pad_token_id,
                           dtype=responses.dtype, device=responses.device)
         responses = torch.cat([responses, fill], dim=1)
-    return truncate_after_stop_token(responses, stop_ids, pad_token_id)
+    responses, mask = truncate_after_stop_token(responses, stop_ids, pad_token_id)
+    if not return_logprobs:
+        return responses, mask
+    logprobs = torch.cat([logprobs, logprobs.new_zeros(logprobs.shape[0], max_new_tokens - width)], dim=1)
+    return responses, mask, logprobs * mask
 
 
 def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

@@ -191,6 +191,15 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
     return model
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating-point parameters only, as `from_pretrained(dtype=...)` does: buffers such as RoPE's
+    inverse frequencies stay float32 (`model.to(bf16)` would round them, shifting every position's angle)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    return model
+
+
 def set_training_attention(model, device: torch.device | str) -> None:
     """Eager attention for a model trained on the CPU: at RLHF lengths (~100 tokens) its backward is ~20%
     faster per step there than SDPA's CPU flash-attention kernel (generation keeps SDPA, which is faster)."""

@@ -58,10 +58,30 @@ class PolicyAndValue(nn.Module):
         if self.critic is None:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, R)
         else:
-            critic_hidden = self.critic.base_model(input_ids=query_responses, attention_mask=attention_mask,
-                                                   position_ids=position_ids, use_cache=False).last_hidden_state
-            values = self.critic.score(critic_hidden[:, context_length - 1: -1]).squeeze(-1)  # (B, R)
+            values = self.critic_values(query_responses, attention_mask, context_length)
         return logits, values.float()
+
+    def critic_values(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int):
+        """Values (B, R) from the separate critic alone."""
+        hidden = self.critic.base_model(input_ids=query_responses, attention_mask=attention_mask,
+                                        position_ids=position_ids_from_mask(attention_mask),
+                                        use_cache=False).last_hidden_state
+        return self.critic.score(hidden[:, context_length - 1: -1]).squeeze(-1).float()  # (B, R)
+
+
+@contextlib.contextmanager
+def attention_implementation(model, implementation: str | None):
+    """Temporarily switch a model's attention implementation (None: leave it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = base.config._attn_implementation
+    if implementation is None or implementation == previous:
+        yield
+        return
+    base.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager
@@ -142,18 +162,32 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     t0 = time.perf_counter()
     # 1. sample from left-padded prompts, cut after the first stop token
     queries, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
-    with torch.autocast(device.type, enabled=False):  # the sampler already holds its weights in its dtype
-        responses, response_mask = sample(sampler or unwrap(model).policy, queries, query_mask, max_new_tokens,
-                                          temperature, stop_ids, tokenizer.pad_token_id,
-                                          min_new_tokens=min_new_tokens)
+    generator = sampler or unwrap(model).policy
+    # When the policy samples itself without autocast, generation computes the very logits of the training
+    # forward (up to float rounding of the KV cache): its logprobs are kept, and with a separate critic the
+    # policy forward of step 2 is skipped.
+    reuse = sampler is None and unwrap(model).critic is not None and not torch.is_autocast_enabled(device.type)
+    # the sampler already holds its weights in its dtype; a policy trained with eager attention samples with
+    # the attention it was loaded with (faster at generation)
+    with torch.autocast(device.type, enabled=False), \
+            attention_implementation(generator, getattr(unwrap(model), "generation_attention", None)):
+        responses, response_mask, *sampled_logprobs = sample(
+            generator, queries, query_mask, max_new_tokens, temperature, stop_ids, tokenizer.pad_token_id,
+            min_new_tokens=min_new_tokens, return_logprobs=reuse)
     timings["generate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # 2. policy logprobs and values, reference logprobs: one forward each over prompt + response
     query_responses = torch.cat([queries, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
     P = queries.shape[1]
-    logprobs, values = forward_logprobs(model, None, query_responses, attention_mask, responses, P, temperature,
-                                        micro_batch_size, with_values=True)
+    if reuse:
+        logprobs = sampled_logprobs[0]
+        values = torch.cat([unwrap(model).critic_values(query_responses[i:i + micro_batch_size],
+                                                        attention_mask[i:i + micro_batch_size], P)
+                            for i in range(0, len(responses), micro_batch_size)])
+    else:
+        logprobs, values = forward_logprobs(model, None, query_responses, attention_mask, responses, P,
+                                            temperature, micro_batch_size, with_values=True)
     with reference_mode(unwrap(model), ref_policy) as ref:
         ref_logprobs, _ = forward_logprobs(model, ref, query_responses, attention_mask, responses, P, temperature,
                                            micro_batch_size, with_values=False)

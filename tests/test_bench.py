@@ -3,11 +3,9 @@
 import json
 import math
 
-import pytest
 
 from rlhf.bench import forward_flops_per_token, matmul_peak, run_bench
 from rlhf.config import load_config
-from rlhf.utils import UserError
 
 
 def test_forward_flops_per_token_llama_by_hand():

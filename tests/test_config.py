@@ -251,6 +251,7 @@ def test_missing_required_dataset_for_load():
     ("ppo.lam=1.5", "ppo.lam"),
     ("ppo.kl_coef=-0.1", "ppo.kl_coef"),
     ("ppo.critic_warmup_updates=40", "ppo.critic_warmup_updates"),
+    ("ppo.min_new_tokens=49", "ppo.min_new_tokens"),
 ])
 def test_out_of_range_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -166,6 +166,35 @@ def test_sample_pads_when_every_row_stops_at_once():
     assert (responses[:, 1:] == tok.pad_token_id).all()
 
 
+def test_min_new_tokens_gives_fixed_length_responses():
+    tok = load_tokenizer("tiny-qwen2")
+    model = load_causal_lm("tiny-qwen2")
+    ids, attn = left_pad(tok(["the day", "a cat is"], add_special_tokens=False)["input_ids"], tok.pad_token_id)
+    most = [t for t in range(len(tok)) if t != tok.unk_token_id]  # nearly any token would end the response
+    responses, mask = sample(model, ids, attn, max_new_tokens=6, temperature=1.0, stop_ids=most,
+                             pad_token_id=tok.pad_token_id, min_new_tokens=6)
+    assert mask.tolist() == [[1] * 6] * 2  # stop tokens were masked out until the length was reached
+
+
+def test_set_training_attention_is_eager_on_cpu_only():
+    from rlhf.models import set_training_attention
+
+    model = load_causal_lm("tiny-llama")
+    default = model.config._attn_implementation
+    set_training_attention(model, "cuda")
+    assert model.config._attn_implementation == default
+    set_training_attention(model, "cpu")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_keep_freed_memory_on_linux():
+    import sys
+
+    from rlhf.utils import keep_freed_memory
+
+    assert keep_freed_memory() == sys.platform.startswith("linux")
+
+
 def test_greedy_is_deterministic():
     tok = load_tokenizer("tiny-gpt2")
     model = load_causal_lm("tiny-gpt2")

@@ -190,6 +190,22 @@ def test_collect_rollout_fields(tok):
     assert torch.equal(r.query_mask, r.query_mask.flip(1).cumprod(1).flip(1))  # zeros only on the left
 
 
+def test_generation_logprobs_equal_the_training_forward_with_a_critic(tok):
+    # fp32, the policy samples itself, separate critic: the rollout keeps generation's logprobs and skips
+    # the policy forward; they must be the logprobs the training forward computes
+    critic = load_reward_model("tiny-llama")
+    model = PolicyAndValue(fresh_policy(), critic).eval()
+    stop_ids = frequent_stop_ids(tok)
+    r = rollout(model, fresh_policy(), tok, stop_ids, temperature=0.7)
+    mask = r.response_mask.bool()
+    again, values = forward_logprobs(model, None, r.query_responses, r.attention_mask, r.responses,
+                                     r.queries.shape[1], 0.7, micro_batch_size=3, with_values=True)
+    assert torch.allclose(r.logprobs[mask], again[mask], atol=1e-5)
+    assert (r.logprobs[~mask] == 0).all()
+    assert torch.allclose(r.values[mask], values[mask], atol=1e-5)
+    assert 0 < int(r.has_stop.sum()) < len(PROMPTS)
+
+
 def test_missing_eos_penalty_only_for_rows_without_stop(tok):
     model = PolicyAndValue(fresh_policy()).eval()
     ref = fresh_policy()
