@@ -23,6 +23,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
+def response_states(hidden: torch.Tensor, context_length: int) -> torch.Tensor:
+    """Hidden states (B, R, H) before each response token, contiguous: a strided slice fed to a frozen
+    `nn.Linear` (LoRA's LM head, a frozen reference) makes `matmul` expand the weight to a batched copy per
+    row instead of one matrix product (4x slower forward on the CPU, measured on SmolLM2's tied 49k head)."""
+    return hidden[:, context_length - 1: -1].contiguous()
+
+
 def causal_lm_parts(model) -> tuple[nn.Module, nn.Module]:
     """(trunk, lm_head) of a causal LM, also through a PEFT wrapper (LoRA layers live inside them)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -51,7 +58,7 @@ class PolicyAndValue(nn.Module):
         trunk, lm_head = causal_lm_parts(self.policy)
         hidden = trunk(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state  # (B, T, H)
-        hidden = hidden[:, context_length - 1: -1]  # (B, R, H): the state before each response token
+        hidden = response_states(hidden, context_length)  # (B, R, H): the state before each response token
         logits = lm_head(hidden)  # (B, R, V); only response positions reach the LM head
         if not with_values:
             return logits, None
@@ -66,7 +73,7 @@ class PolicyAndValue(nn.Module):
         hidden = self.critic.base_model(input_ids=query_responses, attention_mask=attention_mask,
                                         position_ids=position_ids_from_mask(attention_mask),
                                         use_cache=False).last_hidden_state
-        return self.critic.score(hidden[:, context_length - 1: -1]).squeeze(-1).float()  # (B, R)
+        return self.critic.score(response_states(hidden, context_length)).squeeze(-1).float()  # (B, R)
 
 
 @contextlib.contextmanager
@@ -138,7 +145,7 @@ def forward_logprobs(model: PolicyAndValue, policy_override, query_responses, at
             trunk, lm_head = causal_lm_parts(policy_override)
             hidden = trunk(input_ids=qr, attention_mask=am, position_ids=position_ids_from_mask(am),
                            use_cache=False).last_hidden_state
-            logits, v = lm_head(hidden[:, context_length - 1: -1]), None
+            logits, v = lm_head(response_states(hidden, context_length)), None
         logprobs.append(logprobs_from_logits(logits, responses[i:i + micro_batch_size], temperature))
         if v is not None:
             values.append(v)
