@@ -3,7 +3,7 @@
     rlhf bench configs/default.yaml --updates 5
 
 Runs the real PPO stage for N updates in a scratch run directory (reusing the config's trained
-reward model when there is one, else the RM-free reward given by `ppo.reward`), then prints the
+reward model when there is one, else an untrained one of the configured shape), then prints the
 median seconds per update (first update excluded) by phase, generated tokens per second, peak
 memory, and the share of the measured fp32 (bf16 on GPU) matmul throughput reached by the forward
 (score) and train phases, with FLOPs counted from the model shapes and token counts.
