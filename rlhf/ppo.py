@@ -143,7 +143,8 @@ def policy_from_checkpoint(cfg: PipelineConfig, ckpt: Path, dtype):
 
 
 def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
-    """(PolicyAndValue, frozen reference or None with LoRA, tokenizer) as DESIGN detail 8 describes."""
+    """(PolicyAndValue, frozen reference or None with LoRA, generation copy or None, tokenizer), as DESIGN
+    detail 8 describes."""
     from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer, set_training_attention
 
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
@@ -177,8 +178,9 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     if cfg.ppo.lora or dtype != torch.float32:
         # Generation runs from a plain copy in `dtype`, refreshed after every update: with LoRA the
         # adapters are merged into it, so sampling pays neither the adapter path nor fp32 casts.
-        # It only runs under no_grad; its parameters keep requires_grad=True because `generate` on the CPU
-        # was measured ~25% slower with frozen ones (transformers 5.24, torch 2.13, bf16).
+        # It only runs under no_grad, yet its parameters keep requires_grad=True: `generate` feeds the LM head
+        # a strided last-position slice, and with a frozen 3-D input/weight pair `matmul` copies the head
+        # once per row (sampling measured ~25% slower on the CPU; see rollout.response_states).
         sampler = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
         sync_sampler(sampler, policy)
     return model, ref_policy, sampler, tokenizer
