@@ -165,12 +165,10 @@ def build_models(cfg: PipelineConfig, reward_dir: Path, device, dtype):
         else:  # the RM reads another vocabulary: start the critic from the policy's own backbone
             critic = load_reward_model(cfg.model.policy, torch.float32, cfg.model.trust_remote_code,
                                        cfg.reward.num_layers)
-    generation_attention = policy.config._attn_implementation
+    model = PolicyAndValue(policy, critic).to(device)  # records the attention the policy samples with
     for trained in (policy, critic):
         if trained is not None:
             set_training_attention(trained, device)
-    model = PolicyAndValue(policy, critic).to(device)
-    model.generation_attention = generation_attention  # restored while the policy itself samples
     model.policy.config.use_cache = True
     if ref_policy is not None:
         ref_policy.to(device)

@@ -43,6 +43,9 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        # the attention the policy was loaded with: training may switch it (eager on the CPU), sampling
+        # from the policy itself switches back to it
+        self.generation_attention = policy.config._attn_implementation
         if critic is None:
             hidden = policy.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
@@ -177,7 +180,7 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     # the sampler already holds its weights in its dtype; a policy trained with eager attention samples with
     # the attention it was loaded with (faster at generation)
     with torch.autocast(device.type, enabled=False), \
-            attention_implementation(generator, getattr(unwrap(model), "generation_attention", None)):
+            attention_implementation(generator, unwrap(model).generation_attention):
         responses, response_mask, *sampled_logprobs = sample(
             generator, queries, query_mask, max_new_tokens, temperature, stop_ids, tokenizer.pad_token_id,
             min_new_tokens=min_new_tokens, return_logprobs=reuse)
