@@ -123,7 +123,7 @@ class PrefsConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     """Simulated annotator noise."""
     test_fraction: float = 0.1
-    """Share of pairs held out for reward-model evaluation."""
+    """Share of prompts held out, with all their pairs, for reward-model evaluation."""
     max_pairs: int = 0
     """Keep at most this many pairs (0: all)."""
 
