@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Side-by-side PPO timing against TRL 1.12.0's PPOTrainer (protocol: README.md, "Side by side with TRL's PPOTrainer").
+# Side-by-side PPO timing against TRL 1.12.0's PPOTrainer
+# (protocol: README.md, "Side by side with TRL's PPOTrainer").
 # Runs alternate (ours, peer, ours, peer ...) so that drift of the machine hits both alike.
 #   bash benchmarks/side_by_side.sh [ROUNDS] [UPDATES]    -> benchmarks/results/*.json, then a summary
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
-UPDATES=${2:-5}
+UPDATES=${2:-6}
 PEER=${PEER_VENV:-.peer-venv}/bin/python
 OUT=benchmarks/results
 mkdir -p "$OUT"
