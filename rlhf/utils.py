@@ -24,9 +24,8 @@ def keep_freed_memory() -> bool:
     vocabulary-wide log-softmax and embedding gradients of ~100 MB). By default glibc serves blocks
     over 128 KiB with mmap, unmaps them on free and trims the heap, so each step page-faults its
     buffers in again; a page fault costs ~9 µs in this kind of VM, so 100k of them per fp32 PPO update
-    cost ~1 s. With mmap off and trimming off, freed blocks stay mapped and are reused: resident
-    memory stays at its peak, which is what the peak was anyway. Returns False where glibc is not
-    the allocator."""
+    cost ~1 s. With mmap off and trimming off, freed blocks stay mapped and are reused; resident
+    memory does not shrink back after its peak. Returns False where glibc is not the allocator."""
     import ctypes
     import ctypes.util
     import sys
