@@ -44,22 +44,37 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum().item() / denom) if denom > 0 else float("nan")
 
 
+def index_responses(pairs: list[dict[str, Any]]) -> tuple[list, list[str], list[int], list[int]]:
+    """The distinct (prompt, response) texts of `pairs`, in first-seen order, and each pair's chosen and
+    rejected response as an index into them: every text is then scored once, however many pairs it is in."""
+    index: dict[tuple[str, str], int] = {}
+    prompts, texts, chosen, rejected = [], [], [], []
+    for p in pairs:
+        for text, side in ((p["chosen"], chosen), (p["rejected"], rejected)):
+            key = (repr(p["prompt"]), text)
+            if key not in index:
+                index[key] = len(texts)
+                prompts.append(p["prompt"])
+                texts.append(text)
+            side.append(index[key])
+    return prompts, texts, chosen, rejected
+
+
 def evaluate_pairs(model, tokenizer, pairs: list[dict[str, Any]], max_length: int, batch_size: int = 32) -> dict:
     """Held-out accuracy (vs labels, vs noiseless gold order) and Spearman(RM score, gold score)."""
     from reward_models.model import score_texts
 
     if not pairs:
         return {}
-    prompts = [p["prompt"] for p in pairs]
-    chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_length, batch_size, False)
-    rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_length, batch_size, False)
+    prompts, texts, c_idx, r_idx = index_responses(pairs)
+    scores = score_texts(model, tokenizer, prompts, texts, max_length, batch_size, False).cpu()
+    chosen, rejected = scores[c_idx], scores[r_idx]
     metrics = {"accuracy": (chosen > rejected).float().mean().item(), "pairs": len(pairs)}
     if "chosen_gold" in pairs[0]:
         gold_c = torch.tensor([p["chosen_gold"] for p in pairs])
         gold_r = torch.tensor([p["rejected_gold"] for p in pairs])
         decided = gold_c != gold_r
-        rm_says_c = (chosen > rejected).cpu()
-        metrics["gold_accuracy"] = (rm_says_c == (gold_c > gold_r))[decided].float().mean().item()
+        metrics["gold_accuracy"] = ((chosen > rejected) == (gold_c > gold_r))[decided].float().mean().item()
         metrics["spearman_gold"] = spearman(torch.cat([chosen, rejected]).tolist(), torch.cat([gold_c, gold_r]).tolist())
     return metrics
 
@@ -81,14 +96,7 @@ def reference_responses(cfg: PipelineConfig, pairs: list[dict[str, Any]], simula
     """(prompts, responses) of the reference policy for normalisation: the simulated samples when the
     pairs came from the policy, else fresh samples on training prompts."""
     if simulated:
-        seen, prompts, responses = set(), [], []
-        for p in pairs:
-            for text in (p["chosen"], p["rejected"]):
-                key = (repr(p["prompt"]), text)
-                if key not in seen:
-                    seen.add(key)
-                    prompts.append(p["prompt"])
-                    responses.append(text)
+        prompts, responses, _, _ = index_responses(pairs)
         return prompts[: max(cfg.reward.normalize_samples, 2)], responses[: max(cfg.reward.normalize_samples, 2)]
     from rlhf.generation import generate_texts, stop_token_ids
     from rlhf.models import load_causal_lm, load_tokenizer
@@ -125,6 +133,93 @@ def build_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: int, use_m
     return datasets.Dataset.from_dict(data)
 
 
+def build_grouped_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: int, use_margin: bool):
+    """One row per prompt: its distinct responses as RM token ids (`ids`), and its labelled pairs as
+    indices into them (`chosen`, `rejected` [, `margin`])."""
+    import datasets
+
+    from reward_models.model import encode_pairs
+
+    if use_margin and any("margin" not in p for p in pairs):
+        raise UserError("reward.use_margin is set but some preference pairs have no margin")
+    prompts, texts, c_idx, r_idx = index_responses(pairs)
+    ids = encode_pairs(tokenizer, prompts, texts, max_length)
+    groups: dict[str, dict[str, list]] = {}
+    local: dict[int, int] = {}  # text index -> position within its prompt's group
+    for n, (pair, c, r) in enumerate(zip(pairs, c_idx, r_idx)):
+        g = groups.setdefault(repr(pair["prompt"]), {"ids": [], "chosen": [], "rejected": [], "margin": []})
+        for i in (c, r):
+            if i not in local:
+                local[i] = len(g["ids"])
+                g["ids"].append(ids[i])
+        g["chosen"].append(local[c])
+        g["rejected"].append(local[r])
+        if use_margin:
+            g["margin"].append(float(pair["margin"]))
+    rows = list(groups.values())
+    columns = ["ids", "chosen", "rejected"] + (["margin"] if use_margin else [])
+    return datasets.Dataset.from_dict({k: [row[k] for row in rows] for k in columns})
+
+
+def collate_groups(pad_token_id: int):
+    """Batches of prompt groups: all their responses right-padded into one batch, and the pairs as
+    global indices into it."""
+    from reward_models.model import right_pad
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs, chosen, rejected, margin = [], [], [], []
+        for row in rows:
+            offset = len(seqs)
+            seqs.extend(row["ids"])
+            chosen.extend(offset + i for i in row["chosen"])
+            rejected.extend(offset + i for i in row["rejected"])
+            margin.extend(row.get("margin", []))
+        input_ids, attention_mask = right_pad(seqs, pad_token_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "chosen_index": torch.tensor(chosen), "rejected_index": torch.tensor(rejected)}
+        if margin:
+            batch["margin"] = torch.tensor(margin, dtype=torch.float)
+        return batch
+
+    return collate
+
+
+def grouped_reward_trainer():
+    """TRL's RewardTrainer over prompt groups (InstructGPT, Ouyang et al. 2022): each response is scored
+    once per step and all of its prompt's labelled pairs enter the Bradley-Terry loss. K responses cost
+    K forward passes instead of K(K-1), and each response takes one gradient step per epoch instead
+    of K-1, which InstructGPT found to overfit. Loss, margin, centring and logged metrics are TRL's."""
+    from trl import RewardTrainer
+
+    class GroupedRewardTrainer(RewardTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # built by `build_grouped_dataset`, already tokenised and truncated
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            rewards = outputs.logits.squeeze(-1)
+            chosen, rejected = rewards[inputs["chosen_index"]], rewards[inputs["rejected_index"]]
+            margin = inputs.get("margin", 0.0)
+            loss = -torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
+            if self.args.center_rewards_coefficient is not None:
+                loss += self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            if mode == "train":
+                self._total_train_tokens += self.accelerator.gather_for_metrics(
+                    inputs["attention_mask"].sum()).sum().item()
+            metrics = self._metrics[mode]
+            metrics["num_tokens"] = [self._total_train_tokens]
+            with torch.no_grad():
+                for key, value in (("min_reward", rewards.min()), ("mean_reward", rewards.mean()),
+                                   ("max_reward", rewards.max()),
+                                   ("accuracy", (chosen > rejected).float().mean()),
+                                   ("margin", (chosen - rejected).mean())):
+                    metrics[key].append(self.accelerator.gather_for_metrics(value).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return GroupedRewardTrainer
+
+
 def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     """The reward stage: train, evaluate, normalise and save the reward model to `<run_dir>/reward/model`."""
     from rich.console import Console
@@ -158,7 +253,12 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
 
         peft_config = LoraConfig(task_type="SEQ_CLS", r=rc.lora_r, lora_alpha=2 * rc.lora_r,
                                  target_modules="all-linear", lora_dropout=0.0)
-    train_ds = build_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
+    if rc.group_by_prompt:
+        train_ds = build_grouped_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
+        trainer_cls, collator = grouped_reward_trainer(), collate_groups(tokenizer.pad_token_id)
+    else:
+        train_ds = build_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
+        trainer_cls, collator = RewardTrainer, None
     tracker = Tracker(cfg, "reward", out)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         args = RewardConfig(
@@ -170,8 +270,8 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
             use_cpu=not use_gpu, bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
             remove_unused_columns=False,
         )
-        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                                peft_config=peft_config, callbacks=[forward_logs(tracker)])
+        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                              data_collator=collator, peft_config=peft_config, callbacks=[forward_logs(tracker)])
         trainer.train()
         model = trainer.model
     if rc.lora:

@@ -143,9 +143,12 @@ class RewardConfig:
     learning_rate: float = 5e-5
     """Peak learning rate (linear decay)."""
     batch_size: int = 16
-    """Pairs per optimisation step."""
+    """Per optimisation step: prompts when `group_by_prompt` (each with all its responses and pairs), else pairs."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per step."""
+    group_by_prompt: bool = True
+    """Batch whole prompts: each response is scored once per step and every labelled pair of its prompt
+    enters the loss (InstructGPT). False: TRL's pair batches, each pair's two responses scored apart."""
     max_length: int = 128
     """Longest chosen/rejected sequence kept, in RM tokens."""
     use_margin: bool = False

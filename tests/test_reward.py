@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from reward_models.model import encode_pairs, format_for_rm, score_texts
-from reward_models.train import evaluate_pairs, reference_responses, spearman
+from reward_models.train import (build_dataset, build_grouped_dataset, collate_groups, evaluate_pairs,
+                                 grouped_reward_trainer, reference_responses, spearman)
 from rlhf.config import load_config
 from rlhf.models import load_reward_model, load_tokenizer, resolve_model, same_tokenizer
 from rlhf.pipeline import is_done, run_pipeline
@@ -136,8 +137,9 @@ def test_lora_reward_model_is_merged(rm_run, tmp_path):
     _, src = rm_run
     run_dir = tmp_path / "run"
     shutil.copytree(src, run_dir)
+    # TRL's own pair batches here, prompt groups elsewhere
     cfg = cfg_for(run_dir, load_config(src / "config.yaml").prefs.dataset, "reward.lora=true", "reward.lora_r=8",
-                  "reward.normalize_std=false")
+                  "reward.normalize_std=false", "reward.group_by_prompt=false")
     assert is_done(cfg, run_dir, "prefs") and not is_done(cfg, run_dir, "reward")
     run_pipeline(cfg, only="reward")
     folder = run_dir / "reward" / "model"
@@ -155,6 +157,62 @@ def test_lora_reward_model_is_merged(rm_run, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt groups: each response scored once, every pair of the prompt in the loss
+
+GROUP_PAIRS = [  # prompt A: three responses in three pairs; prompt B: one pair
+    {"prompt": "write about the dog", "chosen": "the dog is good", "rejected": "the dog is bad", "margin": 0.5},
+    {"prompt": "write about the dog", "chosen": "the dog is good", "rejected": "a dog", "margin": 0.0},
+    {"prompt": "tell me about the sun", "chosen": "the sun is nice", "rejected": "the sun is awful", "margin": 1.0},
+    {"prompt": "write about the dog", "chosen": "a dog", "rejected": "the dog is bad", "margin": 0.25},
+]
+
+
+def test_grouped_dataset_scores_each_response_once():
+    tok = load_tokenizer("tiny-llama", padding_side="right")
+    ds = build_grouped_dataset(tok, GROUP_PAIRS, 96, use_margin=True)
+    assert ds.num_rows == 2 and [len(r) for r in ds["ids"]] == [3, 2]
+    batch = collate_groups(tok.pad_token_id)([ds[0], ds[1]])
+    assert batch["input_ids"].shape[0] == 5 and batch["attention_mask"].sum(1).min() > 0
+    # the pairs come out in input order: the prompt-A pairs first, then prompt B's
+    order = [0, 1, 3, 2]
+    assert batch["margin"].tolist() == [GROUP_PAIRS[i]["margin"] for i in order]
+    for n, i in enumerate(order):
+        pair = GROUP_PAIRS[i]
+        for side, index in (("chosen", batch["chosen_index"][n]), ("rejected", batch["rejected_index"][n])):
+            row = batch["input_ids"][index][batch["attention_mask"][index].bool()].tolist()
+            assert row == encode_pairs(tok, [pair["prompt"]], [pair[side]], 96)[0]
+    with pytest.raises(Exception, match="margin"):
+        build_grouped_dataset(tok, [{"prompt": "p", "chosen": "a", "rejected": "b"}], 96, use_margin=True)
+
+
+@pytest.mark.parametrize("use_margin,center", [(False, None), (True, 0.01)])
+def test_grouped_loss_equals_trl_pairwise_loss(tmp_path, use_margin, center):
+    """The same model, the same pairs: the loss of prompt-group batches equals TRL's on pair batches."""
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    tok = load_tokenizer("tiny-llama", padding_side="right")
+    model = load_reward_model("tiny-llama", torch.float32)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)  # scores that differ, so the loss is not log 2 everywhere
+    model.config.pad_token_id = tok.pad_token_id
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=None,
+                        remove_unused_columns=False, center_rewards_coefficient=center)
+    pairwise = build_dataset(tok, GROUP_PAIRS, 96, use_margin)
+    grouped = build_grouped_dataset(tok, GROUP_PAIRS, 96, use_margin)
+    trl_trainer = RewardTrainer(model=model, args=args, train_dataset=pairwise, processing_class=tok)
+    ours = grouped_reward_trainer()(model=model, args=args, train_dataset=grouped, processing_class=tok,
+                                    data_collator=collate_groups(tok.pad_token_id))
+    model.train()
+    expected = trl_trainer.compute_loss(model, DataCollatorForPreference(tok.pad_token_id)(list(pairwise)))
+    loss = ours.compute_loss(model, collate_groups(tok.pad_token_id)(list(grouped)))
+    assert loss.item() > 0.05 and abs(loss.item() - math.log(2)) > 1e-3
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert ours._metrics["train"]["accuracy"] == pytest.approx(trl_trainer._metrics["train"]["accuracy"])
+    assert ours._metrics["train"]["margin"] == pytest.approx(trl_trainer._metrics["train"]["margin"], abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
