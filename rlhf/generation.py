@@ -34,18 +34,46 @@ def stop_token_ids(tokenizer, extra: list[str] | None = None) -> list[int]:
     return sorted(ids)
 
 
+def sample_by_inverse_cdf(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One token per row drawn from softmax(scores / T): a uniform draw per row located in the
+    cumulative distribution (summed in float64, so even the smallest probabilities keep their mass).
+    Returns scores that are 0 at the drawn token and -inf elsewhere, so greedy decoding emits it."""
+    cdf = torch.softmax(scores.float() / temperature, dim=-1).cumsum(-1, dtype=torch.float64)
+    u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
+    return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+class InverseCDFSampling:
+    """A logits processor that samples: run under greedy decoding, it replaces HF's sampling step.
+
+    `torch.multinomial` on the CPU draws one exponential per vocabulary entry, 49k per row per step
+    for SmolLM2: about a quarter of the time of sampling 128 rows. This draws one number per row.
+    It runs after HF's other processors (min_new_tokens), as sampling does."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return sample_by_inverse_cdf(scores, self.temperature)
+
+
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, stop_ids: list[int], pad_token_id: int, greedy: bool = False,
            min_new_tokens: int = 0, return_logprobs: bool = False):
     """Sample responses with the KV cache; returns (responses, response_mask), both (B, R).
 
-    `top_k=0, top_p=1` keeps the sampled distribution equal to softmax(logits / T), the one the
-    PPO logprobs describe. Responses are cut after their first stop token (kept, mask 1); the rest
+    Tokens are drawn from softmax(logits / T) itself (no top-k / top-p), the distribution the PPO
+    logprobs describe. Responses are cut after their first stop token (kept, mask 1); the rest
     is padding with mask 0. R is always `max_new_tokens`. With `return_logprobs`, also the (B, R)
     log-probabilities of the sampled tokens under the model's raw logits at `temperature` (0 on padding).
     """
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    from transformers import LogitsProcessorList
+
+    kwargs = dict(do_sample=False)
+    if not greedy:
+        kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampling(temperature)])
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, eos_token_id=stop_ids if stop_ids else None,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.generation import decode_responses, left_pad, sample, stop_token_ids
+from rlhf.generation import decode_responses, left_pad, sample, sample_by_inverse_cdf, stop_token_ids
 from rlhf.models import (
     TINY_ALIASES,
     cache_dir,
@@ -174,6 +174,46 @@ def test_min_new_tokens_gives_fixed_length_responses():
     responses, mask = sample(model, ids, attn, max_new_tokens=6, temperature=1.0, stop_ids=most,
                              pad_token_id=tok.pad_token_id, min_new_tokens=6)
     assert mask.tolist() == [[1] * 6] * 2  # stop tokens were masked out until the length was reached
+
+
+def within_sampling_error(counts: torch.Tensor, probs: torch.Tensor, n: int) -> bool:
+    """Every empirical frequency within 5 standard errors (plus a hair) of its probability."""
+    freq = counts.double() / n
+    return bool(((freq - probs).abs() <= 5 * (probs * (1 - probs) / n).sqrt() + 1e-3).all())
+
+
+def test_inverse_cdf_sampling_draws_from_the_tempered_softmax():
+    torch.manual_seed(0)
+    base = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 1.0, -8.0],
+                         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                         [float("-inf"), 5.0, float("-inf"), 4.5, float("-inf"), float("-inf")]])
+    n = 20000
+    for temperature in (0.7, 1.0):
+        out = sample_by_inverse_cdf(base.repeat_interleave(n, 0), temperature)
+        assert ((out == 0).sum(1) == 1).all() and ((out == 0) | (out == float("-inf"))).all()
+        drawn = out.argmax(1).view(3, n)
+        probs = torch.softmax(base.double() / temperature, -1)
+        for row in range(3):
+            counts = torch.bincount(drawn[row], minlength=6)
+            assert counts[probs[row] == 0].sum() == 0  # masked tokens are never drawn
+            assert within_sampling_error(counts, probs[row], n), (temperature, row, counts, probs[row])
+
+
+def test_sampling_follows_the_model_distribution():
+    """`sample` draws the first token from softmax(logits / T) of the model (the processor is wired in)."""
+    tok = load_tokenizer("tiny-qwen2")
+    model = load_causal_lm("tiny-qwen2").eval()
+    ids, attn = left_pad(tok(["a cat is"], add_special_tokens=False)["input_ids"], tok.pad_token_id)
+    n, temperature = 4000, 0.5
+    with torch.no_grad():
+        probs = torch.softmax(model(ids, attention_mask=attn).logits[0, -1].double() / temperature, -1)
+    torch.manual_seed(0)
+    responses, _ = sample(model, ids.repeat(n, 1), attn.repeat(n, 1), max_new_tokens=1, temperature=temperature,
+                          stop_ids=[], pad_token_id=tok.pad_token_id)
+    counts = torch.bincount(responses[:, 0], minlength=len(probs))
+    assert within_sampling_error(counts, probs, n)
+    flat = torch.softmax(probs.log() * temperature, -1)  # the same logits at T = 1
+    assert not within_sampling_error(counts, flat, n)  # the temperature is applied
 
 
 def test_set_training_attention_is_eager_on_cpu_only():
