@@ -127,10 +127,14 @@ def build_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: int, use_m
     data = {"chosen_ids": encode_pairs(tokenizer, prompts, [p["chosen"] for p in pairs], max_length),
             "rejected_ids": encode_pairs(tokenizer, prompts, [p["rejected"] for p in pairs], max_length)}
     if use_margin:
-        if any("margin" not in p for p in pairs):
-            raise UserError("reward.use_margin is set but some preference pairs have no margin")
-        data["margin"] = [p["margin"] for p in pairs]
+        data["margin"] = pair_margins(pairs)
     return datasets.Dataset.from_dict(data)
+
+
+def pair_margins(pairs: list[dict[str, Any]]) -> list[float]:
+    if any("margin" not in p for p in pairs):
+        raise UserError("reward.use_margin is set but some preference pairs have no margin")
+    return [float(p["margin"]) for p in pairs]
 
 
 def build_grouped_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: int, use_margin: bool):
@@ -140,13 +144,12 @@ def build_grouped_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: in
 
     from reward_models.model import encode_pairs
 
-    if use_margin and any("margin" not in p for p in pairs):
-        raise UserError("reward.use_margin is set but some preference pairs have no margin")
+    margins = pair_margins(pairs) if use_margin else [0.0] * len(pairs)
     prompts, texts, c_idx, r_idx = index_responses(pairs)
     ids = encode_pairs(tokenizer, prompts, texts, max_length)
     groups: dict[str, dict[str, list]] = {}
     local: dict[int, int] = {}  # text index -> position within its prompt's group
-    for n, (pair, c, r) in enumerate(zip(pairs, c_idx, r_idx)):
+    for pair, c, r, margin in zip(pairs, c_idx, r_idx, margins):
         g = groups.setdefault(repr(pair["prompt"]), {"ids": [], "chosen": [], "rejected": [], "margin": []})
         for i in (c, r):
             if i not in local:
@@ -154,8 +157,7 @@ def build_grouped_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: in
                 g["ids"].append(ids[i])
         g["chosen"].append(local[c])
         g["rejected"].append(local[r])
-        if use_margin:
-            g["margin"].append(float(pair["margin"]))
+        g["margin"].append(margin)
     rows = list(groups.values())
     columns = ["ids", "chosen", "rejected"] + (["margin"] if use_margin else [])
     return datasets.Dataset.from_dict({k: [row[k] for row in rows] for k in columns})

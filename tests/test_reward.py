@@ -20,7 +20,7 @@ from rlhf.config import load_config
 from rlhf.models import load_reward_model, load_tokenizer, resolve_model, same_tokenizer
 from rlhf.pipeline import is_done, run_pipeline
 from rlhf.tiny import SPECIALS, WORDS, build_tiny_model
-from rlhf.utils import read_jsonl
+from rlhf.utils import UserError, read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY = PROJECT_ROOT / "configs" / "tiny.yaml"
@@ -184,7 +184,7 @@ def test_grouped_dataset_scores_each_response_once():
         for side, index in (("chosen", batch["chosen_index"][n]), ("rejected", batch["rejected_index"][n])):
             row = batch["input_ids"][index][batch["attention_mask"][index].bool()].tolist()
             assert row == encode_pairs(tok, [pair["prompt"]], [pair[side]], 96)[0]
-    with pytest.raises(Exception, match="margin"):
+    with pytest.raises(UserError, match="margin"):
         build_grouped_dataset(tok, [{"prompt": "p", "chosen": "a", "rejected": "b"}], 96, use_margin=True)
 
 
