@@ -438,3 +438,21 @@ def test_two_cpu_processes(upstream, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]  # written once, by the main process
     assert all(math.isfinite(r["objective/kl"]) and math.isfinite(r["loss/policy_avg"]) for r in rows)
     assert (run_dir / "ppo" / "policy" / "config.json").is_file()
+
+
+def test_clip_gradients_scales_only_above_the_limit():
+    from accelerate import Accelerator
+
+    from rlhf.ppo import clip_gradients
+
+    accelerator = Accelerator(cpu=True)
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])  # global norm 5
+    assert clip_gradients(accelerator, [a, b], 1.0).item() == pytest.approx(5.0)
+    assert torch.cat([a.grad, b.grad]).norm().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.0]), rtol=1e-5, atol=0)
+    a.grad, b.grad = torch.tensor([0.3, 0.0]), torch.tensor([0.0, 0.4])  # norm 0.5: left as it is
+    grad = a.grad
+    assert clip_gradients(accelerator, [a, b], 1.0).item() == pytest.approx(0.5)
+    assert a.grad is grad and a.grad.tolist() == pytest.approx([0.3, 0.0])
+    assert clip_gradients(accelerator, [torch.nn.Parameter(torch.zeros(1))], 1.0).item() == 0.0  # no gradients
