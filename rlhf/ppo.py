@@ -74,9 +74,10 @@ def clip_gradients(accelerator, parameters, max_norm: float) -> torch.Tensor:
     more read and write of all gradients per step (2 GB for an fp32 SmolLM2 policy and critic)."""
     from accelerate.utils import DistributedType
 
-    parameters = [p for p in parameters if p.grad is not None]
+    parameters = list(parameters)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
-        return accelerator.clip_grad_norm_(parameters, max_norm)
+        return accelerator.clip_grad_norm_(parameters, max_norm)  # all of the model's, as FSDP matches them
+    parameters = [p for p in parameters if p.grad is not None]
     accelerator.unscale_gradients()
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
     if norm > max_norm:
