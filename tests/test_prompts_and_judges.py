@@ -137,6 +137,28 @@ def test_missing_file(tmp_path, monkeypatch, name):
         load_prompts(name)
 
 
+def test_hub_dataset_name_loads_the_split_with_a_column_mapping(monkeypatch):
+    """A name that is not a local file goes to `datasets.load_dataset(name, split=...)` (offline here:
+    the hub call is replaced by a local dataset, and a failure becomes one clear line)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split=None, **kwargs):
+        calls.append((name, split, kwargs))
+        if name != "org/prompts":
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub\nmore detail")
+        return datasets.Dataset.from_dict({"question": ["tell me a story", "describe the sea"], "id": [1, 2]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_prompts("org/prompts", column="question", split="validation") == ["tell me a story",
+                                                                                 "describe the sea"]
+    assert calls == [("org/prompts", "validation", {})]
+    with pytest.raises(UserError, match=r"cannot load dataset 'org/missing' split 'train': .*doesn't exist") as e:
+        load_rows("org/missing")
+    assert "more detail" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # rendering and encoding
 
