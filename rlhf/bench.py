@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import PipelineConfig
+from rlhf.config import PipelineConfig, ppo_sizes
 from rlhf.utils import UserError, read_jsonl
 
 
@@ -113,13 +113,15 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     critic_layers = cfg.reward.num_layers or text_cfg.num_hidden_layers
     critic_fwd = (forward_flops_per_token(policy_cfg) * seq_tokens * critic_layers / text_cfg.num_hidden_layers
                   if pc.value_model == "critic" else 0.0)
-    # backward ≈ 2× forward (input and weight gradients); with LoRA the policy skips its weight gradients
-    train_flops = pc.ppo_epochs * ((2.0 if pc.lora else 3.0) * policy_fwd + 3.0 * critic_fwd)
     # policy with values, and reference; an fp32 policy that samples itself with a critic reuses generation's
     # logprobs and skips its forward (rlhf.rollout)
     reuses_generation = (not pc.lora and pc.value_model == "critic"
                          and default_dtype(cfg.model.dtype, device) == torch.float32)
     forward_flops = (1 if reuses_generation else 2) * policy_fwd + critic_fwd
+    # backward ≈ 2× forward (input and weight gradients); with LoRA the policy skips its weight gradients
+    train_flops = pc.ppo_epochs * ((2.0 if pc.lora else 3.0) * policy_fwd + 3.0 * critic_fwd)
+    if ppo_sizes(pc).micro_batch_size == pc.batch_size:  # the first epoch starts from the rollout's forward
+        train_flops -= (0.0 if reuses_generation else policy_fwd) + critic_fwd
     result = {
         "seconds_per_update": med["update"], **{f"seconds_{k}": v for k, v in med.items() if k != "update"},
         "generated_tokens_per_second": statistics.median(r["tokens_per_second"] for r in rows),

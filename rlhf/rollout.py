@@ -1,4 +1,4 @@
-"""Rollouts: generate responses for a batch of prompts and score them, all without gradients.
+"""Rollouts: generate responses for a batch of prompts and score them, without gradients (but see `keep_graph`).
 
 `PolicyAndValue` holds the trainable models (policy, optional LoRA, and a value head or a separate
 critic) behind one `forward`, so that accelerate can prepare them together; `collect_rollout`
@@ -125,6 +125,9 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, R) whitened GAE advantages
     returns: torch.Tensor | None = None  # (B, R) value targets
     timings: dict[str, float] = field(default_factory=dict)
+    # (logits (B, R, V) or None, values (B, R)) with their autograd graphs, kept by `collect_rollout(keep_graph=True)`:
+    # the training forward of the first PPO epoch when one micro-batch holds the whole batch (rlhf.ppo.ppo_update)
+    first_forward: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     @property
     def query_responses(self) -> torch.Tensor:
@@ -161,10 +164,14 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
                     tokenizer, score_fn: Callable[[list[Any], list[str]], torch.Tensor],
                     gold_fn: Callable[[list[str]], list[float]] | None, *, max_new_tokens: int, temperature: float,
                     stop_ids: list[int], micro_batch_size: int, missing_eos_penalty: float | None = None,
-                    score_clip: float | None = None, sampler=None, min_new_tokens: int = 0) -> Rollout:
+                    score_clip: float | None = None, sampler=None, min_new_tokens: int = 0,
+                    keep_graph: bool = False) -> Rollout:
     """Sample one batch and compute logprobs, reference logprobs, values and scores (DESIGN details 1-4).
 
-    `sampler` is the model that generates (default: the policy), e.g. a bf16 copy of fp32 weights."""
+    `sampler` is the model that generates (default: the policy), e.g. a bf16 copy of fp32 weights.
+    `keep_graph`: run the policy-and-value forward over the whole batch with autograd on and keep it in
+    `Rollout.first_forward`. When one micro-batch holds the batch, the first PPO epoch's forward sees the
+    same weights and the same rows, so it is this one: the update starts from it instead of computing it again."""
     import time
 
     timings = {}
@@ -190,7 +197,18 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     query_responses = torch.cat([queries, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
     P = queries.shape[1]
-    if reuse:
+    first_forward = None
+    if keep_graph:
+        with torch.enable_grad():
+            if reuse:  # the policy's logprobs come from generation: only the critic's forward is kept
+                logits = None
+                values = unwrap(model).critic_values(query_responses, attention_mask, P)
+            else:
+                logits, values = model(query_responses, attention_mask, P)
+        first_forward = (logits, values)
+        logprobs = sampled_logprobs[0] if reuse else logprobs_from_logits(logits.detach(), responses, temperature)
+        values = values.detach()
+    elif reuse:
         logprobs = sampled_logprobs[0]
         values = torch.cat([unwrap(model).critic_values(query_responses[i:i + micro_batch_size],
                                                         attention_mask[i:i + micro_batch_size], P)
@@ -216,4 +234,4 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     if not torch.isfinite(scores).all():
         raise FloatingPointError(f"non-finite reward scores: {scores.tolist()}")
     return Rollout(prompts, queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
-                   texts, gold=gold, has_stop=has_stop, timings=timings)
+                   texts, gold=gold, has_stop=has_stop, timings=timings, first_forward=first_forward)

@@ -342,12 +342,29 @@ def test_build_score_fn_rm_matches_score_texts(upstream):
 
 
 class FakeAccelerator:
-    """`reduce(sum)` adds the statistics of the other processes' batches, as an all-reduce would."""
+    """`reduce(sum)` adds the statistics of the other processes' batches, as an all-reduce would; on one
+    process it also stands in for what `ppo_update` uses of an accelerator (no global state to leak)."""
+
+    sync_gradients = True
 
     def __init__(self, others=()):
+        from accelerate.utils import DistributedType
+
         self.others = list(others)
         self.num_processes = 1 + len(self.others)
         self.device = torch.device("cpu")
+        self.distributed_type = DistributedType.NO
+
+    def accumulate(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def unscale_gradients(self):
+        pass
 
     def reduce(self, tensor, reduction="sum"):
         assert reduction == "sum"
@@ -441,11 +458,9 @@ def test_two_cpu_processes(upstream, tmp_path):
 
 
 def test_clip_gradients_scales_only_above_the_limit():
-    from accelerate import Accelerator
-
     from rlhf.ppo import clip_gradients
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = FakeAccelerator()
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])  # global norm 5
     assert clip_gradients(accelerator, [a, b], 1.0).item() == pytest.approx(5.0)
@@ -456,3 +471,78 @@ def test_clip_gradients_scales_only_above_the_limit():
     assert clip_gradients(accelerator, [a, b], 1.0).item() == pytest.approx(0.5)
     assert a.grad is grad and a.grad.tolist() == pytest.approx([0.3, 0.0])
     assert clip_gradients(accelerator, [torch.nn.Parameter(torch.zeros(1))], 1.0).item() == 0.0  # no gradients
+
+
+def test_total_norm_matches_float64_and_falls_back_off_float32():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(300, 70, generator=g) * 3, torch.randn(5, generator=g), torch.randn(2, 3, generator=g).t()]
+    exact = torch.cat([t.double().reshape(-1) for t in tensors]).norm().item()
+    assert ppo.total_norm(tensors).item() == pytest.approx(exact, rel=1e-6)  # incl. a non-contiguous tensor
+    halves = [t.bfloat16() for t in tensors]
+    assert ppo.total_norm(halves).item() == pytest.approx(exact, rel=1e-2)  # torch's own norm for other dtypes
+    assert ppo.total_norm([torch.tensor([float("inf"), 1.0])]).isinf()
+    assert ppo.total_norm([]).item() == 0.0
+
+
+@pytest.mark.parametrize("value_model", ["critic", "head"])
+def test_a_kept_rollout_forward_is_the_first_epochs_forward(tmp_path, value_model):
+    """One micro-batch per epoch: the rollout's forward, kept with its graph, replaces the first epoch's.
+    The update must be the one that computes it again (same weights after two epochs, same stats), with
+    one forward pass fewer."""
+    import copy
+
+    from reward_models.judges import get_judge
+    from rlhf.config import ppo_sizes
+    from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.prompts import encode_prompts
+    from rlhf.rollout import PolicyAndValue, collect_rollout
+
+    pc = tiny_cfg(tmp_path, "ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
+                  f"ppo.value_model={value_model}").ppo
+    sizes = ppo_sizes(pc)
+    assert sizes.micro_batch_size == 8
+    tok = load_tokenizer("tiny-llama")
+    prompts = ["write a good story", "tell me about your day", "describe the weather", "review a movie",
+               "write about the city", "a story about a dog", "describe your family", "review the food"]
+    ids = encode_prompts(prompts, tok, max_tokens=64).input_ids
+    torch.manual_seed(0)
+    critic = load_reward_model("tiny-llama") if value_model == "critic" else None
+    base = PolicyAndValue(load_causal_lm("tiny-llama"), critic).eval()
+    ref = load_causal_lm("tiny-llama").eval()
+    judge = get_judge("keyword:good")
+    P = max(len(x) for x in ids)
+
+    def run(keep):
+        model = copy.deepcopy(base)
+        full_passes = []  # trunk forwards over prompt + response (not generation's prefill and steps)
+        trunk = model.critic.base_model if critic is not None else model.policy.model
+        trunk.register_forward_pre_hook(lambda m, a, kw: full_passes.append(1) if kw["input_ids"].shape[1] == P + 6
+                                        else None, with_kwargs=True)
+        torch.manual_seed(1)
+        r = collect_rollout(model, ref, prompts, ids, tok, lambda p, t: torch.tensor(judge(t), dtype=torch.float32),
+                            None, max_new_tokens=6, temperature=1.0, stop_ids=[], micro_batch_size=8,
+                            min_new_tokens=6, keep_graph=keep)
+        assert (r.first_forward is not None) == keep
+        if keep:
+            assert r.first_forward[1].requires_grad and torch.equal(r.first_forward[1].detach(), r.values)
+        r = ppo.compute_advantages(r, 0.05, pc, FakeAccelerator())
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)  # linear in the gradients
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        stats = ppo.ppo_update(model, optimizer, scheduler, r, pc, sizes, FakeAccelerator())
+        assert r.first_forward is None  # released for the next update
+        return r, stats, model, len(full_passes)
+
+    r0, stats0, model0, passes0 = run(False)
+    r1, stats1, model1, passes1 = run(True)
+    assert torch.equal(r0.responses, r1.responses)
+    torch.testing.assert_close(r1.logprobs, r0.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r1.values, r0.values, atol=1e-5, rtol=0)
+    assert stats1.keys() == stats0.keys()
+    for key in stats0:
+        assert stats1[key] == pytest.approx(stats0[key], rel=1e-4, abs=1e-6), key
+    moved = 0
+    for (name, p0), (_, p1) in zip(model0.named_parameters(), model1.named_parameters()):
+        torch.testing.assert_close(p1, p0, atol=1e-5, rtol=1e-4, msg=name)
+        moved += not torch.equal(p0, dict(base.named_parameters())[name])
+    assert moved > 0  # the update did change weights
+    assert passes1 == passes0 - 1  # the first epoch's forward was not computed again
