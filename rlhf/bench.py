@@ -120,7 +120,7 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     forward_flops = (1 if reuses_generation else 2) * policy_fwd + critic_fwd
     # backward ≈ 2× forward (input and weight gradients); with LoRA the policy skips its weight gradients
     train_flops = pc.ppo_epochs * ((2.0 if pc.lora else 3.0) * policy_fwd + 3.0 * critic_fwd)
-    if ppo_sizes(pc).micro_batch_size == pc.batch_size:  # the first epoch starts from the rollout's forward
+    if ppo_sizes(pc).keeps_rollout_forward:  # the first epoch starts from the rollout's forward
         train_flops -= (0.0 if reuses_generation else policy_fwd) + critic_fwd
     result = {
         "seconds_per_update": med["update"], **{f"seconds_{k}": v for k, v in med.items() if k != "update"},

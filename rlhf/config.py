@@ -429,6 +429,12 @@ class PPOSizes:
     num_mini_batches: int  # optimiser steps per PPO epoch
     optimizer_steps: int  # optimiser steps over the whole run
 
+    @property
+    def keeps_rollout_forward(self) -> bool:
+        """One micro-batch per epoch on one process: the rollout's policy-and-value forward is kept with
+        its graph and is the first epoch's forward (the same weights and rows), one pass fewer per update."""
+        return self.micro_batch_size == self.local_batch_size and self.num_processes == 1
+
 
 def ppo_sizes(ppo: PPOConfig, num_processes: int = 1) -> PPOSizes:
     """Derive per-process batch sizes, checking that everything divides evenly."""

@@ -445,9 +445,6 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
             rows = [r for r in read_jsonl(out / logged) if r["step"] <= start] if (out / logged).exists() else []
             (out / logged).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
-    # One micro-batch per epoch on one process: the rollout's policy-and-value forward is kept with its graph
-    # and is the first epoch's forward (the same weights and rows), one forward pass fewer per update.
-    keep_graph = sizes.micro_batch_size == sizes.local_batch_size and accelerator.num_processes == 1
     order_rng = torch.Generator().manual_seed(cfg.run.seed)
     epoch_orders = {}
     progress = tqdm(range(start, pc.num_updates), desc="PPO", initial=start, total=pc.num_updates,
@@ -468,7 +465,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
                 model, ref_policy, [enc.prompts[i] for i in local], [enc.input_ids[i] for i in local], tokenizer,
                 score_fn, gold_fn, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, stop_ids=stop_ids,
                 micro_batch_size=sizes.micro_batch_size, missing_eos_penalty=pc.missing_eos_penalty,
-                score_clip=pc.score_clip, sampler=sampler, min_new_tokens=pc.min_new_tokens, keep_graph=keep_graph)
+                score_clip=pc.score_clip, sampler=sampler, min_new_tokens=pc.min_new_tokens,
+                keep_graph=sizes.keeps_rollout_forward)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, accelerator)
         # 4. PPO update (value only during critic warm-up)
         model.train()

@@ -197,25 +197,21 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     query_responses = torch.cat([queries, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
     P = queries.shape[1]
-    first_forward = None
-    if keep_graph:
-        with torch.enable_grad():
-            if reuse:  # the policy's logprobs come from generation: only the critic's forward is kept
-                logits = None
-                values = unwrap(model).critic_values(query_responses, attention_mask, P)
-            else:
-                logits, values = model(query_responses, attention_mask, P)
-        first_forward = (logits, values)
-        logprobs = sampled_logprobs[0] if reuse else logprobs_from_logits(logits.detach(), responses, temperature)
-        values = values.detach()
-    elif reuse:
-        logprobs = sampled_logprobs[0]
-        values = torch.cat([unwrap(model).critic_values(query_responses[i:i + micro_batch_size],
-                                                        attention_mask[i:i + micro_batch_size], P)
-                            for i in range(0, len(responses), micro_batch_size)])
-    else:
-        logprobs, values = forward_logprobs(model, None, query_responses, attention_mask, responses, P,
-                                            temperature, micro_batch_size, with_values=True)
+    logits = None
+    with torch.set_grad_enabled(keep_graph):  # kept: one micro-batch holds the batch (see the docstring)
+        if reuse:  # the policy's logprobs come from generation: only the critic's forward is due
+            logprobs = sampled_logprobs[0]
+            values = torch.cat([unwrap(model).critic_values(query_responses[i:i + micro_batch_size],
+                                                            attention_mask[i:i + micro_batch_size], P)
+                                for i in range(0, len(responses), micro_batch_size)])
+        elif keep_graph:
+            logits, values = model(query_responses, attention_mask, P)
+            logprobs = logprobs_from_logits(logits.detach(), responses, temperature)
+        else:
+            logprobs, values = forward_logprobs(model, None, query_responses, attention_mask, responses, P,
+                                                temperature, micro_batch_size, with_values=True)
+    first_forward = (logits, values) if keep_graph else None
+    values = values.detach()
     with reference_mode(unwrap(model), ref_policy) as ref:
         ref_logprobs, _ = forward_logprobs(model, ref, query_responses, attention_mask, responses, P, temperature,
                                            micro_batch_size, with_values=False)
