@@ -134,6 +134,8 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
         "forward_share_of_peak": forward_flops / med["forward"] / peak,
         "device": device, "dtype": str(dtype).replace("torch.", ""), "updates_timed": len(rows),
     }
+    if device == "cuda":
+        result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     per_update = [round(r["time/update"], 3) for r in rows]
     table = Table(title=f"PPO benchmark: {cfg.model.policy}, batch {pc.batch_size}, {len(rows)} updates timed")
     table.add_column("figure")

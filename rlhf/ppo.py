@@ -291,8 +291,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl, update: int
 
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        rng = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the GPU's stream: sampling on cuda
+            rng["cuda_rng"] = torch.cuda.get_rng_state()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
+                   tmp / "state.pt")
         atomic_write_json(tmp / "trainer_state.json", {
             "update": update, "kl_ctl": kl_ctl.state_dict(), "python_rng": repr(random.getstate()),
             "fingerprint": fingerprint})
@@ -314,6 +317,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl) -> int:
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state(extra["cuda_rng"])
     random.setstate(ast.literal_eval(state["python_rng"]))
     kl_ctl.load_state_dict(state["kl_ctl"])
     return int(state["update"])
