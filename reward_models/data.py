@@ -185,14 +185,15 @@ def split_by_prompt(pairs: list[Pair], test_fraction: float, seed: int) -> tuple
     return train, test
 
 
-def run_prefs(cfg: PipelineConfig, run_dir: Path) -> Path:
-    """The prefs stage: write train/test preference pairs and their statistics to `<run_dir>/prefs/`."""
+def run_prefs(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
+    """The prefs stage: write train/test preference pairs and their statistics to `out` (the orchestrator
+    publishes it as `<run_dir>/prefs/`)."""
     from rich.console import Console
 
     from rlhf.prompts import load_rows
     from rlhf.tracking import Tracker
 
-    out = Path(run_dir) / "prefs"
+    out = Path(out)
     if cfg.prefs.source == "load":
         pairs, dropped = load_pairs(load_rows(cfg.prefs.dataset, cfg.prefs.dataset_split), cfg.prefs.dataset)
         stats: dict[str, Any] = {"rows_dropped": dict(dropped), "rows_dropped_total": sum(dropped.values())}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlhf.config import PipelineConfig
+from rlhf.stages import require_done
 from rlhf.utils import UserError, atomic_dir, atomic_write_json, read_jsonl
 
 
@@ -222,14 +223,14 @@ def grouped_reward_trainer():
     return GroupedRewardTrainer
 
 
-def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
-    """The reward stage: train, evaluate, normalise and save the reward model to `<run_dir>/reward/model`."""
+def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
+    """The reward stage: train, evaluate, normalise and save the reward model to `out/model` (published as
+    `<run_dir>/reward/model`)."""
     from rich.console import Console
     from trl import RewardConfig, RewardTrainer
 
     from rlhf.models import (cast_parameters, default_dtype, load_reward_model, load_tokenizer,
                              set_training_attention)
-    from rlhf.pipeline import require_done
     from rlhf.tracking import Tracker
     from rlhf.utils import set_seed
     from reward_models.model import score_texts
@@ -237,7 +238,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path) -> Path:
     console = Console(stderr=True)
     prefs_dir = require_done(cfg, run_dir, "prefs", "reward")
     train_pairs, test_pairs = read_jsonl(prefs_dir / "train.jsonl"), read_jsonl(prefs_dir / "test.jsonl")
-    out = Path(run_dir) / "reward"
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rc = cfg.reward
     backbone = rc.backbone or cfg.model.policy

@@ -73,7 +73,7 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     from rich.table import Table
 
     from rlhf.models import default_dtype, resolve_model
-    from rlhf.pipeline import MARKER, is_done, stage_fingerprints
+    from rlhf.stages import is_done, marker_for, write_marker
     from rlhf.ppo import run_ppo
     from transformers import AutoConfig
 
@@ -92,8 +92,9 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
         else:  # timing only: an untrained RM of the configured shape (the policy's first reward.num_layers)
             console.print(f"[yellow]no trained reward model in {src}: timing with an untrained one[/yellow]")
             untrained_reward_model(cfg, reward_dir / "model")
-        (reward_dir / MARKER).write_text(json.dumps({"fingerprint": stage_fingerprints(bench_cfg)["reward"]}))
-        run_ppo(bench_cfg, scratch)
+        for stage in ("prefs", "reward"):  # the PPO stage checks that its inputs are finished
+            write_marker(scratch / stage, marker_for(bench_cfg, scratch, stage, 0.0))
+        run_ppo(bench_cfg, scratch, scratch / "ppo")
         rows = read_jsonl(scratch / "ppo" / "metrics.jsonl")[1:]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

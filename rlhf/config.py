@@ -509,7 +509,11 @@ def validate(cfg: PipelineConfig) -> None:
     ppo_sizes(cfg.ppo, 1)
 
 
+def config_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: PipelineConfig, path: str | Path) -> None:
     from rlhf.utils import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(Path(path), config_yaml(cfg))

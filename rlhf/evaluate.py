@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from rlhf.config import PipelineConfig
+from rlhf.config import PipelineConfig, config_yaml
+from rlhf.stages import require_done
 from rlhf.utils import atomic_write_json, write_jsonl
 
 METRICS = {
@@ -177,17 +178,16 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
     return results
 
 
-def run_eval(cfg: PipelineConfig, run_dir: Path) -> Path:
+def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The eval stage (see the module docstring)."""
     from rich.console import Console
 
-    from rlhf.pipeline import require_done
     from rlhf.prompts import load_prompts
     from rlhf.tracking import Tracker
 
     reward_dir = require_done(cfg, run_dir, "reward", "eval") / "model"
     ppo_dir = require_done(cfg, run_dir, "ppo", "eval")
-    out = Path(run_dir) / "eval"
+    out = Path(out)
     device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
     source = cfg.eval.prompts or cfg.data.test_prompts
     split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
@@ -219,7 +219,7 @@ def run_eval(cfg: PipelineConfig, run_dir: Path) -> Path:
     try:
         from rlhf.report import write_report
 
-        report = write_report(Path(run_dir))
+        report = write_report(Path(run_dir), out, config_yaml(cfg))
         for name in ("curves", "length"):
             if report.with_name(f"{name}.png").exists():
                 tracker.log_image(f"eval/{name}", report.with_name(f"{name}.png"))

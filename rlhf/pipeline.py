@@ -1,14 +1,18 @@
 """The orchestrator: runs stages in order over one run directory, skipping those already done.
 
-A finished stage writes `<run_dir>/<stage>/_done.json` holding a fingerprint of the config sections
-it depends on, chained with the fingerprint of the stage before it. A rerun skips a stage whose
-fingerprint is unchanged and reruns a changed stage and, through the chain, every stage after it.
-Stage functions write their outputs atomically and the marker last, so a killed stage is never
-trusted by a later one.
+A stage is done when its `_done.json` holds the current fingerprint (rlhf.stages: the settings and
+file contents it reads, chained with the stages before it) and the stages before it are still the
+executions it read. A stage that is not done runs in a work folder of its own,
+`<run_dir>/.partial/<stage>...`; only when it has finished does that folder, marker included, replace
+`<run_dir>/<stage>` in one rename, and `config.yaml` is written. A stage that fails or is killed leaves
+the run directory as it was. PPO's work folder is named by what its checkpoints belong to, so a killed
+PPO run resumes from it, and the work of another config is kept apart until a PPO run finishes.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,61 +20,16 @@ from typing import Callable
 from rich.console import Console
 
 from rlhf.config import PipelineConfig, save_config
-from rlhf.utils import UserError, atomic_write_json, fingerprint
+from rlhf.stages import (STAGES, marker_for, require_done, stage_identity, stage_records, why_not_done,
+                         write_marker)
+from rlhf.utils import UserError, fsync_dir
 
-STAGES = ("prefs", "reward", "ppo", "eval")
-
-# Config sections each stage reads, beyond those of the stages before it.
-STAGE_INPUTS = {
-    "prefs": ("model", "data", "prefs", "ppo.stop_tokens"),
-    "reward": ("reward", "ppo.max_new_tokens", "ppo.temperature"),
-    "ppo": ("ppo",),
-    "eval": ("eval",),
-}
-MARKER = "_done.json"
+PARTIAL = ".partial"
 console = Console(stderr=True)
 
 
-def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
-    d = cfg.to_dict()
-    previous = fingerprint({"seed": cfg.run.seed})
-    out = {}
-    for stage in STAGES:
-        inputs = {}
-        for key in STAGE_INPUTS[stage]:
-            section, _, field = key.partition(".")
-            inputs[key] = d[section][field] if field else d[section]
-        previous = fingerprint({"previous": previous, **inputs})
-        out[stage] = previous
-    return out
-
-
-def read_marker(run_dir: Path, stage: str) -> dict | None:
-    import json
-
-    path = Path(run_dir) / stage / MARKER
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def is_done(cfg: PipelineConfig, run_dir: Path, stage: str) -> bool:
-    marker = read_marker(run_dir, stage)
-    return marker is not None and marker.get("fingerprint") == stage_fingerprints(cfg)[stage]
-
-
-def require_done(cfg: PipelineConfig, run_dir: Path, stage: str, needed_by: str) -> Path:
-    """The folder of an upstream stage, or a UserError that says what to run first."""
-    if not is_done(cfg, run_dir, stage):
-        marker = read_marker(run_dir, stage)
-        why = "has not finished" if marker is None else "was run with a different config"
-        raise UserError(f"the {needed_by} stage needs the {stage} stage, which {why} in {run_dir}: "
-                        f"run `rlhf {stage} CONFIG` (or `rlhf run CONFIG`) first")
-    return Path(run_dir) / stage
-
-
-def stage_function(stage: str) -> Callable[[PipelineConfig, Path], Path]:
+def stage_function(stage: str) -> Callable[[PipelineConfig, Path, Path], Path]:
+    """`run_<stage>(cfg, run_dir, out)`: reads earlier stages' outputs from `run_dir`, writes its own to `out`."""
     if stage == "prefs":
         from reward_models.data import run_prefs as fn
     elif stage == "reward":
@@ -84,16 +43,65 @@ def stage_function(stage: str) -> Callable[[PipelineConfig, Path], Path]:
     return fn
 
 
+def work_dir(cfg: PipelineConfig, run_dir: Path, stage: str) -> Path:
+    """Where a stage writes until it has finished. PPO's is named by its config and upstream outputs, so
+    its checkpoints are resumed by the same work only."""
+    name = f"ppo-{stage_identity(cfg, run_dir, stage)}" if stage == "ppo" else stage
+    return Path(run_dir) / PARTIAL / name
+
+
+def recover(run_dir: Path) -> None:
+    """Finish or undo a replacement that a kill interrupted between its two renames."""
+    partial = Path(run_dir) / PARTIAL
+    for stage in STAGES:
+        old = partial / f"{stage}.old"
+        if old.exists():
+            if (Path(run_dir) / stage).exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, Path(run_dir) / stage)
+
+
+def publish(work: Path, run_dir: Path, stage: str) -> None:
+    """Replace `<run_dir>/<stage>` by the finished work folder."""
+    final, old = Path(run_dir) / stage, Path(run_dir) / PARTIAL / f"{stage}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    if stage == "ppo":  # the unfinished PPO work of other configs is superseded
+        for other in (Path(run_dir) / PARTIAL).glob("ppo-*"):
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a `torchrun` / `accelerate launch` job (or a single process): it alone does the bookkeeping."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait for every process, once a stage has started the process group (a single process: no-op)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None = None,
                  force: bool = False) -> dict[str, Path]:
-    """Run the stages (all, `only` one, or from `start` on) and return their output folders."""
+    """Run the stages (all, `only` one, or from `start` on) and return their output folders.
+
+    `force` recomputes the selected stages, `start` recomputes that stage; neither resumes work written
+    before this call. Stages after a recomputed one rerun, since they read its outputs."""
     for name in (only, start):
         if name is not None and name not in STAGES:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    prints = stage_fingerprints(cfg)
+    if is_main_process():
+        recover(run_dir)
     selected = [only] if only else list(STAGES[STAGES.index(start):] if start else STAGES)
     for stage in STAGES[: STAGES.index(selected[0])]:
         require_done(cfg, run_dir, stage, selected[0])
@@ -101,18 +109,25 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
     outputs: dict[str, Path] = {}
     for stage in selected:
         forced = force or (start is not None and stage == start)
-        if is_done(cfg, run_dir, stage) and not forced:
+        why = why_not_done(cfg, run_dir, stage, stage_records(cfg, run_dir))
+        if why is None and not forced:
             console.print(f"[green]✓[/green] {stage}: done with this config, skipped ({run_dir / stage})")
             outputs[stage] = run_dir / stage
             continue
-        for later in STAGES[STAGES.index(stage):]:  # outputs after this stage are now stale
-            (run_dir / later / MARKER).unlink(missing_ok=True)
         console.rule(f"[bold]{stage}")
+        console.print(f"[dim]{stage}: {'forced' if forced and why is None else why}[/dim]")
+        work = work_dir(cfg, run_dir, stage)
+        if is_main_process() and (forced or stage != "ppo" or not work.exists()):  # only PPO resumes
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        barrier()
         t0 = time.time()
-        out = stage_function(stage)(cfg, run_dir)
-        atomic_write_json(run_dir / stage / MARKER,
-                          {"fingerprint": prints[stage], "seconds": round(time.time() - t0, 1),
-                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        console.print(f"[green]✓[/green] {stage}: finished in {time.time() - t0:.0f}s → {out}")
-        outputs[stage] = out
+        out = Path(stage_function(stage)(cfg, run_dir, work))
+        if is_main_process():
+            write_marker(work, marker_for(cfg, run_dir, stage, time.time() - t0))
+            publish(work, run_dir, stage)
+            save_config(cfg, run_dir / "config.yaml")  # the config of the stages that are done
+        barrier()
+        outputs[stage] = run_dir / stage / out.relative_to(work)
+        console.print(f"[green]✓[/green] {stage}: finished in {time.time() - t0:.0f}s → {outputs[stage]}")
     return outputs

@@ -3,10 +3,10 @@
     rlhf ppo configs/default.yaml          # or: accelerate launch -m rlhf.cli ppo configs/default.yaml
 
 Each update reads top to bottom: collect a rollout -> KL-shaped rewards and GAE advantages ->
-PPO epochs over mini-batches -> log -> checkpoint. Outputs in `<run_dir>/ppo/`: `policy/` (a plain
-HF causal LM, LoRA merged), `checkpoints/step_NNNNN/` (the last `keep_checkpoints`, resumable),
-`metrics.jsonl` and `samples.jsonl`. A killed run restarted with the same command resumes from
-its last checkpoint.
+PPO epochs over mini-batches -> log -> checkpoint. Outputs, published as `<run_dir>/ppo/` when the
+stage finishes: `policy/` (a plain HF causal LM, LoRA merged), `checkpoints/step_NNNNN/` (the last
+`keep_checkpoints`), `metrics.jsonl` and `samples.jsonl`. A killed run restarted with the same
+command resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from rlhf import ppo_core
 from rlhf.config import PipelineConfig, ppo_sizes
 from rlhf.rollout import PolicyAndValue, Rollout, collect_rollout
+from rlhf.stages import require_done, stage_identity
 from rlhf.utils import UserError, atomic_dir, atomic_write_json, read_jsonl
 
 
@@ -386,15 +387,15 @@ def rollout_metrics(rollout: Rollout, kl_coef: float, accelerator) -> dict[str, 
 # the stage
 
 
-def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
-    """The PPO stage (see the module docstring)."""
+def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
+    """The PPO stage (see the module docstring): reads `<run_dir>/reward/`, writes to `out`, and resumes from
+    the newest checkpoint in `out/checkpoints` written for the same config and reward model."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     from rlhf.generation import stop_token_ids
     from rlhf.models import default_dtype
-    from rlhf.pipeline import require_done, stage_fingerprints
     from rlhf.prompts import encode_prompts, load_prompts
     from rlhf.tracking import Tracker
     from rlhf.utils import set_seed
@@ -407,8 +408,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path) -> Path:
     accelerator = Accelerator(cpu=probe == "cpu", gradient_accumulation_steps=pc.gradient_accumulation_steps,
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     sizes = ppo_sizes(pc, accelerator.num_processes)
-    out = Path(run_dir) / "ppo"
-    fingerprint = stage_fingerprints(cfg)["ppo"]
+    out = Path(out)
+    fingerprint = stage_identity(cfg, run_dir, "ppo")
     set_seed(cfg.run.seed + accelerator.process_index)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)

@@ -43,12 +43,13 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def run_name(run_dir: Path) -> str:
-    """`run.name` from the run's config.yaml, or the folder name."""
+def run_name(run_dir: Path, config_text: str | None = None) -> str:
+    """`run.name` from `config_text` (default: the run's config.yaml), or the folder name."""
     try:
         import yaml
 
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+        text = config_text if config_text is not None else (Path(run_dir) / "config.yaml").read_text()
+        cfg = yaml.safe_load(text) or {}
         return str(cfg.get("run", {}).get("name") or Path(run_dir).name)
     except (FileNotFoundError, ValueError, AttributeError, ImportError):
         return Path(run_dir).resolve().name
@@ -298,12 +299,19 @@ def _notes(notes: list[str]) -> str:
     return "".join(f'<div class="note">{html.escape(n)}</div>' for n in notes)
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write `<run_dir>/eval/report.html` (+ curves.png, length.png) and return its path."""
+def write_report(run_dir: Path, out: Path | None = None, config_text: str | None = None) -> Path:
+    """Write `report.html` (+ curves.png, length.png) from the eval outputs in `out` (default
+    `<run_dir>/eval`) and the run's PPO metrics; return its path. `config_text` is the config shown
+    (default: the run's `config.yaml`)."""
     run_dir = Path(run_dir)
-    out = run_dir / "eval"
+    out = Path(out) if out is not None else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    name = run_name(run_dir)
+    if config_text is None:
+        try:
+            config_text = (run_dir / "config.yaml").read_text()
+        except FileNotFoundError:
+            config_text = ""
+    name = run_name(run_dir, config_text or None)
     metrics = _read_json(out / "metrics.json") or {}
     generations = _read_rows(out / "generations.jsonl")
     ppo_rows = _read_rows(run_dir / "ppo" / "metrics.jsonl")
@@ -315,11 +323,6 @@ def write_report(run_dir: Path) -> Path:
     length_notes = draw_length(length_fig, ppo_rows, metrics) if ppo_rows else []
     length_png = _save(length_fig, out / "length.png")
 
-    config_text = ""
-    try:
-        config_text = (run_dir / "config.yaml").read_text()
-    except FileNotFoundError:
-        pass
     indices = pick_samples(generations)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import PipelineConfig
+from rlhf.utils import atomic_write_text
 
 
 def wandb_mode(setting: str) -> str:
@@ -62,15 +63,29 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            run_id = self.wandb_run_id()
             self.run = wandb.init(
                 project=cfg.tracking.project, entity=cfg.tracking.entity, group=cfg.run.name,
                 name=f"{cfg.run.name}-{stage}", job_type=stage, config=cfg.to_dict(), mode=mode,
-                dir=str(Path(cfg.run.output_dir)), reinit="finish_previous",
+                dir=str(Path(cfg.run.output_dir)), reinit="finish_previous", id=run_id, resume="allow",
                 settings=wandb.Settings(init_timeout=60, console="off"),
             )
         except Exception as e:  # never let tracking stop a run
             warnings.warn(f"W&B unavailable ({type(e).__name__}: {e}); logging to {self.metrics_path} only")
             self.run = None
+
+    def wandb_run_id(self) -> str:
+        """The W&B run of this stage folder: a resumed stage (PPO from a checkpoint) continues the run it
+        started; a stage that starts afresh has a fresh folder, hence a new run."""
+        path = self.stage_dir / "wandb_run_id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            import uuid
+
+            run_id = uuid.uuid4().hex[:16]
+            atomic_write_text(path, run_id + "\n")
+            return run_id
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:

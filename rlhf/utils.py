@@ -64,6 +64,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a folder (a rename into it) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from rlhf.evaluate import METRICS
-from rlhf.pipeline import STAGES
+from rlhf.stages import STAGES
 from rlhf.utils import read_jsonl
 
 GENERATION_KEYS = {"prompt", "ref_response", "policy_response", "ref_score", "policy_score", "ref_gold",

@@ -1,4 +1,5 @@
-"""rlhf/pipeline.py: fingerprints decide which stages run, skip or rerun, with fake stage functions."""
+"""rlhf/pipeline.py and rlhf/stages.py: fingerprints decide which stages run, skip or rerun, and a stage
+that fails leaves the run directory as it was; with fake stage functions."""
 
 from __future__ import annotations
 
@@ -9,27 +10,28 @@ import pytest
 
 import rlhf.pipeline as pipeline
 from rlhf.config import load_config
-from rlhf.pipeline import MARKER, STAGES, is_done, run_pipeline, stage_fingerprints
+from rlhf.pipeline import PARTIAL, run_pipeline
+from rlhf.stages import MARKER, STAGES, is_done, read_marker, stage_fingerprints
 from rlhf.utils import UserError, atomic_dir
 
 
 class FakeStages:
-    """Stage functions that record their calls and write `<run_dir>/<stage>/out.txt`."""
+    """Stage functions that record their calls (and what their work folder held) and write `out/out.txt`."""
 
     def __init__(self):
         self.calls: list[str] = []
+        self.found: dict[str, list[str]] = {}
         self.fail: set[str] = set()
 
     def __call__(self, stage: str):
         if stage not in STAGES:
             raise UserError(f"unknown stage {stage!r}")
 
-        def fn(cfg, run_dir):
+        def fn(cfg, run_dir, out):
             self.calls.append(stage)
-            out = Path(run_dir) / stage
-            out.mkdir(parents=True, exist_ok=True)
+            self.found[stage] = sorted(p.name for p in Path(out).iterdir())
+            (out / "partial.txt").write_text("written before any failure")
             if stage in self.fail:
-                (out / "partial.txt").write_text("half")
                 raise RuntimeError(f"{stage} exploded")
             (out / "out.txt").write_text(f"{stage} kl={cfg.ppo.kl_coef}")
             return out
@@ -174,7 +176,7 @@ def test_only_ppo_with_prefs_from_other_config_raises(fake, run_dir):
     fake.take()
     with pytest.raises(UserError) as e:
         run_pipeline(cfg_for(run_dir, "prefs.num_prompts=8"), only="ppo")
-    assert "prefs" in str(e.value) and "different config" in str(e.value)
+    assert "prefs" in str(e.value) and "prefs.num_prompts: 512 -> 8" in str(e.value)
     assert fake.take() == []
 
 
@@ -210,25 +212,52 @@ def test_failing_stage_leaves_no_marker_and_keeps_earlier(fake, run_dir):
     with pytest.raises(RuntimeError, match="ppo exploded"):
         run_pipeline(cfg)
     assert fake.take() == ["prefs", "reward", "ppo"]
-    assert not (run_dir / "ppo" / MARKER).exists()
-    assert not (run_dir / "eval" / MARKER).exists()
+    assert not (run_dir / "ppo").exists() and not (run_dir / "eval").exists()
     assert done_stages(cfg, run_dir) == ["prefs", "reward"]
-    # the next run resumes at the failed stage
+    # the next run starts at the failed stage, in a fresh work folder (only PPO keeps its work to resume)
     fake.fail.clear()
     run_pipeline(cfg)
     assert fake.take() == ["ppo", "eval"]
+    assert fake.found["eval"] == []
 
 
-def test_failing_rerun_removes_stale_marker(fake, run_dir):
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of the run directory but unfinished work, by relative path."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and PARTIAL not in p.parts}
+
+
+@pytest.mark.parametrize("override, failing", [
+    ("ppo.kl_coef=0.3", "ppo"),  # a changed PPO setting that fails at run time
+    ("prefs.noise.bt_temperature=0.001", "prefs"),  # a changed prefs setting that fails at run time
+    ("eval.num_prompts=7", "eval"),
+])
+def test_a_failing_rerun_keeps_the_finished_run_as_it_was(fake, run_dir, override, failing):
     cfg = cfg_for(run_dir)
     run_pipeline(cfg)
+    before = snapshot(run_dir)
+    fake.take()
+    fake.fail.add(failing)
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg_for(run_dir, override))
+    assert fake.take()[-1] == failing
+    assert snapshot(run_dir) == before  # markers, outputs and config.yaml untouched
+    fake.fail.clear()
+    run_pipeline(cfg)  # the previous config: every stage is still done
+    assert fake.take() == []
+
+
+def test_a_failing_forced_rerun_keeps_the_previous_outputs(fake, run_dir):
+    cfg = cfg_for(run_dir)
+    run_pipeline(cfg)
+    before = snapshot(run_dir)
     fake.take()
     fake.fail.add("reward")
     with pytest.raises(RuntimeError):
         run_pipeline(cfg, force=True, start="reward")
     assert fake.take() == ["reward"]
-    # reward's old marker (and those after it) must not survive a failed rerun
-    assert done_stages(cfg, run_dir) == ["prefs"]
+    assert snapshot(run_dir) == before
+    assert done_stages(cfg, run_dir) == list(STAGES)
 
 
 def test_config_yaml_written(fake, run_dir):
@@ -239,11 +268,25 @@ def test_config_yaml_written(fake, run_dir):
     assert load_config(saved) == cfg
 
 
-def test_config_yaml_written_even_when_a_stage_fails(fake, run_dir):
+def test_config_yaml_is_the_config_of_the_stages_that_are_done(fake, run_dir):
     fake.fail.add("prefs")
     with pytest.raises(RuntimeError):
         run_pipeline(cfg_for(run_dir))
-    assert (run_dir / "config.yaml").is_file()
+    assert not (run_dir / "config.yaml").exists()  # nothing finished
+    fake.fail = {"ppo"}
+    cfg = cfg_for(run_dir, "reward.epochs=2")
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg)
+    assert load_config(run_dir / "config.yaml") == cfg  # written when prefs and reward finished
+
+
+def test_a_refused_stage_command_leaves_config_yaml_alone(fake, run_dir):
+    """`rlhf eval CONFIG ppo.kl_coef=9` on a finished run: refused (PPO is not done with kl 9), nothing written."""
+    run_pipeline(cfg_for(run_dir))
+    before = snapshot(run_dir)
+    with pytest.raises(UserError, match="ppo"):
+        run_pipeline(cfg_for(run_dir, "ppo.kl_coef=9"), only="eval")
+    assert snapshot(run_dir) == before
 
 
 def test_corrupt_marker_is_not_done(fake, run_dir):
@@ -325,3 +368,152 @@ def test_atomic_dir_no_folder_if_body_raises(tmp_path):
             raise KeyboardInterrupt
     assert not final.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# what the fingerprints cover: file contents, upstream executions; what they leave out
+
+
+def test_editing_the_prompts_file_reruns_every_stage_that_reads_it(fake, run_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    cfg = cfg_for(run_dir, f"data.train_prompts={prompts}")
+    run_pipeline(cfg)
+    fake.take()
+    prompts.write_text('{"prompt": "a"}\n')  # rewritten, same contents: nothing to do
+    run_pipeline(cfg)
+    assert fake.take() == []
+    prompts.write_text('{"prompt": "b"}\n')
+    run_pipeline(cfg)
+    assert fake.take() == list(STAGES)
+
+
+def test_editing_the_test_prompts_reruns_eval_only(fake, run_dir, tmp_path):
+    prompts = tmp_path / "test.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    cfg = cfg_for(run_dir, f"data.test_prompts={prompts}")
+    run_pipeline(cfg)
+    fake.take()
+    prompts.write_text('{"prompt": "changed"}\n')
+    run_pipeline(cfg)
+    assert fake.take() == ["eval"]
+
+
+def test_editing_a_judge_module_reruns_from_prefs(fake, run_dir, tmp_path, monkeypatch):
+    (tmp_path / "myjudge.py").write_text("def score(text):\n    return len(text)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = cfg_for(run_dir, "prefs.judge=myjudge:score")
+    run_pipeline(cfg)
+    fake.take()
+    (tmp_path / "myjudge.py").write_text("def score(text):\n    return -len(text)\n")
+    run_pipeline(cfg)
+    assert fake.take() == list(STAGES)
+
+
+def test_changing_a_local_model_folder_reruns_every_stage(fake, run_dir, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    cfg = cfg_for(run_dir, f"model.policy={model}")
+    run_pipeline(cfg)
+    fake.take()
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    run_pipeline(cfg)
+    assert fake.take() == list(STAGES)
+    assert read_marker(run_dir, "prefs")["sources"]["model.policy"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["ppo.sample_every=1", "ppo.save_every=1", "ppo.keep_checkpoints=5"],
+    ["run.threads=1", "run.device=cpu", "tracking.wandb=offline", "tracking.project=x"],
+])
+def test_keys_of_no_effect_rerun_nothing(fake, run_dir, overrides):
+    run_pipeline(cfg_for(run_dir))
+    fake.take()
+    run_pipeline(cfg_for(run_dir, *overrides))
+    assert fake.take() == []
+
+
+def test_a_recomputed_stage_makes_the_later_ones_stale(fake, run_dir):
+    cfg = cfg_for(run_dir)
+    run_pipeline(cfg)
+    fake.take()
+    run_pipeline(cfg, only="prefs", force=True)  # same settings, new outputs
+    assert fake.take() == ["prefs"]
+    assert done_stages(cfg, run_dir) == ["prefs"]
+    with pytest.raises(UserError, match="recomputed"):
+        run_pipeline(cfg, only="ppo")
+    run_pipeline(cfg)
+    assert fake.take() == ["reward", "ppo", "eval"]
+
+
+def test_ppo_keeps_its_unfinished_work_per_config(fake, run_dir):
+    """A killed PPO run finds its work again (to resume from its checkpoints); another config, or --force,
+    starts in a fresh folder; the work of other configs goes once a PPO run has finished."""
+    cfg = cfg_for(run_dir)
+    fake.fail.add("ppo")
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg)
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg)
+    assert fake.found["ppo"] == ["partial.txt"]  # the same work folder, kept
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg_for(run_dir, "ppo.kl_coef=0.2"))
+    assert fake.found["ppo"] == []  # another config: a folder of its own
+    assert len(list((run_dir / PARTIAL).glob("ppo-*"))) == 2
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg, force=True)
+    assert fake.found["ppo"] == []  # --force never resumes
+    fake.fail.clear()
+    run_pipeline(cfg)
+    assert fake.found["ppo"] == ["partial.txt"]
+    assert list((run_dir / PARTIAL).glob("ppo-*")) == []
+
+
+def test_start_from_a_recomputed_stage_gives_ppo_a_fresh_folder(fake, run_dir):
+    cfg = cfg_for(run_dir)
+    run_pipeline(cfg)
+    fake.fail.add("ppo")
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg, start="prefs")
+    fake.fail.clear()
+    fake.take()
+    run_pipeline(cfg, start="prefs")
+    assert fake.take() == list(STAGES)
+    assert fake.found["ppo"] == []  # new prefs and reward outputs: nothing of the earlier PPO work is reused
+
+
+def test_an_interrupted_replacement_is_undone(fake, run_dir):
+    cfg = cfg_for(run_dir)
+    run_pipeline(cfg)
+    fake.take()
+    # a kill between the two renames of publishing: the old folder moved aside, the new one not in place
+    (run_dir / PARTIAL).mkdir(exist_ok=True)
+    (run_dir / "eval").rename(run_dir / PARTIAL / "eval.old")
+    run_pipeline(cfg)
+    assert fake.take() == []
+    assert (run_dir / "eval" / "out.txt").is_file()
+
+
+def test_a_hub_model_enters_by_its_cached_revision(fake, run_dir, tmp_path, monkeypatch):
+    """A hub name whose files are in the local hub cache is fingerprinted by the commit `refs/main` points
+    to: a newer download reruns every stage."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someorg--somemodel"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    cfg = cfg_for(run_dir, "model.policy=someorg/somemodel")
+    run_pipeline(cfg)
+    assert read_marker(run_dir, "prefs")["sources"]["model.policy"] == "a" * 40
+    fake.take()
+    run_pipeline(cfg)
+    assert fake.take() == []
+    (repo / "refs" / "main").write_text("b" * 40)
+    run_pipeline(cfg)
+    assert fake.take() == list(STAGES)

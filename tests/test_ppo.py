@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 import rlhf.ppo as ppo
 from rlhf import ppo_core
 from rlhf.config import load_config
-from rlhf.pipeline import MARKER, is_done, run_pipeline, stage_fingerprints
+from rlhf.pipeline import run_pipeline, work_dir
+from rlhf.stages import MARKER, is_done, stage_identity
 from rlhf.utils import read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -213,10 +214,10 @@ def test_resume_reaches_the_same_result(upstream, tmp_path, monkeypatch):
     with pytest.raises(Killed):
         run_pipeline(cfg_b, only="ppo")
     monkeypatch.setattr(ppo, "ppo_update", real_update)
-    ckpts = dir_b / "ppo" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00003"]
-    assert [r["step"] for r in metrics(dir_b)] == [1, 2, 3, 4]
-    assert not is_done(cfg_b, dir_b, "ppo")
+    work = work_dir(cfg_b, dir_b, "ppo")  # the unfinished stage's folder; dir_b/ppo does not exist yet
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step_00003"]
+    assert [r["step"] for r in read_jsonl(work / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not is_done(cfg_b, dir_b, "ppo") and not (dir_b / "ppo").exists()
 
     loaded = []
     real_load = ppo.load_checkpoint
@@ -295,9 +296,9 @@ def test_latest_checkpoint_skips_incomplete_and_foreign(tmp_path):
 def test_latest_checkpoint_of_a_real_run(learned):
     cfg, run_dir = learned
     ckpts = run_dir / "ppo" / "checkpoints"
-    fp = stage_fingerprints(cfg)["ppo"]
+    fp = stage_identity(cfg, run_dir, "ppo")
     assert ppo.latest_checkpoint(ckpts, fp) == ckpts / "step_00030"
-    assert ppo.latest_checkpoint(ckpts, stage_fingerprints(tiny_cfg(run_dir, JUDGE, "ppo.kl_coef=0.5"))["ppo"]) is None
+    assert ppo.latest_checkpoint(ckpts, stage_identity(tiny_cfg(run_dir, JUDGE, "ppo.kl_coef=0.5"), run_dir, "ppo")) is None
     state = json.loads((ckpts / "step_00030" / "trainer_state.json").read_text())
     assert state["update"] == 30 and state["fingerprint"] == fp
 

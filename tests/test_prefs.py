@@ -13,7 +13,8 @@ from reward_models.data import label_pairs, load_pairs, normalize_pair, simulate
     split_implicit_prompt
 from reward_models.judges import get_judge
 from rlhf.config import load_config
-from rlhf.pipeline import is_done, run_pipeline
+from rlhf.pipeline import run_pipeline
+from rlhf.stages import is_done
 from rlhf.utils import UserError, read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

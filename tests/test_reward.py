@@ -18,7 +18,8 @@ from reward_models.train import (build_dataset, build_grouped_dataset, collate_g
                                  grouped_reward_trainer, reference_responses, spearman)
 from rlhf.config import load_config
 from rlhf.models import load_reward_model, load_tokenizer, resolve_model, same_tokenizer
-from rlhf.pipeline import is_done, run_pipeline
+from rlhf.pipeline import run_pipeline
+from rlhf.stages import is_done
 from rlhf.tiny import SPECIALS, WORDS, build_tiny_model
 from rlhf.utils import UserError, read_jsonl
 

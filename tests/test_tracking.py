@@ -183,3 +183,23 @@ def test_offline_wandb_run(tmp_path, monkeypatch, clean_env):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert math.isfinite(rows[0]["time"])
     assert json.loads((stage_dir / "samples.jsonl").read_text())["score"] == 0.5
+
+
+def test_a_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
+    """The W&B run id is kept in the stage's folder: a PPO stage resumed from its work folder continues
+    the run it started; a stage in a fresh folder starts a new one."""
+    wandb = pytest.importorskip("wandb")
+    calls = []
+
+    class FakeRun:
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or FakeRun())
+    cfg = make_cfg(tmp_path, wandb="offline")
+    Tracker(cfg, "ppo", tmp_path / "work").finish()
+    Tracker(cfg, "ppo", tmp_path / "work").finish()  # killed and restarted: the same folder
+    Tracker(cfg, "ppo", tmp_path / "other").finish()
+    ids = [c["id"] for c in calls]
+    assert ids[0] == ids[1] != ids[2]
+    assert all(c["resume"] == "allow" for c in calls)
