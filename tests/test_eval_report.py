@@ -265,7 +265,7 @@ def test_inspect_user_errors(tmp_path):
     with pytest.raises(UserError, match="run directory not found"):
         show_generations(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="generations.jsonl not found.*rlhf eval"):
+    with pytest.raises(UserError, match=r"generations.jsonl not found.*rlhf(\.cli)? eval CONFIG"):
         show_generations(tmp_path / "empty")
     with pytest.raises(UserError, match="samples.jsonl not found"):
         show_generations(tmp_path / "empty", step=1)
