@@ -89,15 +89,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _summary(cfg, outputs: dict[str, Path]) -> None:
-    from rich.console import Console
+    """Where the outputs are, and the command that shows the generations, each on one line to copy."""
+    import shlex
 
-    console = Console(stderr=True)
-    console.print(f"\n[bold]run directory[/bold]: {cfg.run.output_dir}")
+    from rich.console import Console
+    from rich.markup import escape
+
+    from rlhf.utils import rlhf_command
+
+    console = Console(stderr=True, soft_wrap=True)
+    console.print(f"\n[bold]run directory[/bold]: {escape(str(cfg.run.output_dir))}")
     for stage, path in outputs.items():
-        console.print(f"  {stage:<7} {path}")
+        console.print(f"  {stage:<7} {escape(str(path))}")
     report = Path(cfg.run.output_dir) / "eval" / "report.html"
     if "eval" in outputs and report.exists():
-        console.print(f"  report  {report}\n  inspect: rlhf inspect {cfg.run.output_dir}")
+        command = f"{rlhf_command()} inspect {shlex.quote(str(cfg.run.output_dir))}"
+        console.print(f"  report  {escape(str(report))}\n  inspect: {escape(command)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlhf.utils import UserError, read_jsonl
+from rlhf.utils import UserError, read_jsonl, rlhf_command
 
 SORTS = ("gold_diff", "-gold_diff", "score_diff", "-score_diff", "kl", "-kl", "index")
 
@@ -33,8 +33,9 @@ def _run_dir(run_dir: Path | str) -> Path:
 
 def _read(path: Path, what: str, stage: str) -> list[dict[str, Any]]:
     if not path.is_file():
+        rlhf = rlhf_command()
         raise UserError(f"{path} not found: the {stage} stage has not written {what} in {path.parent.parent}; "
-                        f"run `rlhf {stage} CONFIG` (or `rlhf run CONFIG`) with run.output_dir={path.parent.parent}")
+                        f"run `{rlhf} {stage} CONFIG` (or `{rlhf} run CONFIG`) with run.output_dir={path.parent.parent}")
     try:
         return read_jsonl(path)
     except (ValueError, UnicodeDecodeError) as e:
@@ -257,7 +258,8 @@ def _pandas():
     try:
         import pandas as pd
     except ImportError:
-        raise UserError("load_run needs pandas: pip install pandas (or pip install 'rlhf[notebook]')") from None
+        raise UserError("load_run needs pandas: pip install pandas (or, in the project folder, "
+                        "pip install -e '.[notebook]')") from None
     return pd
 
 

@@ -16,10 +16,11 @@ import base64
 import html
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlhf.utils import atomic_write_text, read_jsonl
+from rlhf.utils import atomic_write_text, read_jsonl, rlhf_command
 
 RM_COLOR, GOLD_COLOR, KL_COLOR, REF_COLOR = "#1f77b4", "#d62728", "#7f7f7f", "#2ca02c"
 SAMPLE_ROWS = 10
@@ -342,7 +343,7 @@ def write_report(run_dir: Path, out: Path | None = None, config_text: str | None
         _img(length_png, "response length over PPO updates"),
         f"<h2>Sample generations ({len(indices)} of {len(generations)}, evenly spaced)</h2>",
         generations_table(generations, indices) if generations else _notes(["eval/generations.jsonl missing"]),
-        "<p>All rows: <code>rlhf inspect " + html.escape(str(run_dir)) + "</code></p>",
+        f"<p>All rows: <code>{html.escape(f'{rlhf_command()} inspect {shlex.quote(str(run_dir))}')}</code></p>",
     ]
     if config_text:
         parts += ["<h2>Config</h2>", f'<details><summary>config.yaml</summary><pre class="cfg">'

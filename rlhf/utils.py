@@ -17,6 +17,27 @@ class UserError(Exception):
     """A problem the user can fix (bad input, missing file); the CLI prints it as one line and exits 2."""
 
 
+def rlhf_command() -> str:
+    """How to call `rlhf` again from the user's shell, for the commands that messages and reports name.
+
+    `rlhf` when that is the program on PATH; else the console script as it was called (`.venv/bin/rlhf`
+    after the quick start, which does not activate the venv); else `python -m rlhf.cli` with this
+    interpreter (under `torchrun`, `accelerate launch` or in a notebook)."""
+    import shlex
+    import sys
+
+    called = sys.argv[0] if sys.argv else ""
+    on_path = shutil.which("rlhf")
+    if Path(called).name == "rlhf" and Path(called).is_file():
+        if on_path and os.path.samefile(on_path, called):
+            return "rlhf"
+        return shlex.quote(called)
+    if on_path and Path(on_path).parent == Path(sys.executable).parent:
+        return "rlhf"
+    python = os.path.relpath(sys.executable)
+    return f"{shlex.quote(sys.executable if python.startswith('..') else python)} -m rlhf.cli"
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
 
