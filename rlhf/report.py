@@ -388,7 +388,8 @@ def write_report(run_dir: Path) -> Path:
     if frontier:
         frontier_fig = new_figure(11, 4.2)
         frontier_notes = draw_frontier(frontier_fig, frontier)
-        frontier_html = [f"<p>{html.escape(frontier_sentence(frontier, metrics))}</p>", _notes(frontier_notes),
+        sentence = frontier_sentence(frontier, metrics)
+        frontier_html = [f"<p>{html.escape(sentence)}</p>" if sentence else "", _notes(frontier_notes),
                          _img(_save(frontier_fig, out / "frontier.png"), "gold and RM score against KL: best-of-n "
                                                                             "from the reference and PPO")]
     else:
