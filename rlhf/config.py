@@ -255,6 +255,9 @@ class EvalConfig:
     """Also evaluate every kept PPO checkpoint (eval/checkpoints.jsonl: a curve of scores vs KL)."""
     bootstrap_samples: int = 1000
     """Bootstrap resamples for the win-rate interval."""
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Best-of-n from the reference to set PPO against (eval/frontier.jsonl): strictly increasing n,
+    n = 1 (the reference, KL 0) always included; max(n) - 1 more samples per prompt; [] turns it off."""
 
 
 @dataclass
@@ -483,6 +486,9 @@ def validate(cfg: PipelineConfig) -> None:
                        "reward.learning_rate": cfg.reward.learning_rate}.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    bon = cfg.eval.best_of_n
+    if any(n < 1 for n in bon) or any(a >= b for a, b in zip(bon, bon[1:])):
+        raise ConfigError(f"eval.best_of_n must be positive and strictly increasing, got {bon}")
     if cfg.prefs.responses_per_prompt < 2:
         raise ConfigError(f"prefs.responses_per_prompt must be at least 2, got {cfg.prefs.responses_per_prompt}")
     if cfg.prefs.source == "load" and not cfg.prefs.dataset:

@@ -9,7 +9,19 @@ Both models answer the same prompts with the same sampling settings and seed. Ou
 - `samples.jsonl`: the first 64 rows again, with `step`, as logged to W&B as a table;
 - `checkpoints.jsonl` (with `eval.checkpoints: true`): the metrics of every kept PPO checkpoint
   and of the final policy, a curve of scores against KL;
-- `report.html`, `curves.png`, `length.png` (see rlhf.report): metrics, plots of the PPO run, samples.
+- `frontier.jsonl` (with `eval.best_of_n`): would best-of-n sampling from the reference have done as
+  well? One row per n, `{"method": "best_of_n", "n", "kl", "score", "gold"}` (KL analytical, scores of
+  the reward model's picks), and one per PPO policy, `{"method": "ppo", "step", "kl", "score", "gold"}`
+  (the final policy and, with `eval.checkpoints: true`, every kept checkpoint: PPO's path);
+- `best_of_n.jsonl`: per prompt, the largest n's reference samples (`responses`, `scores`, `golds`),
+  the first of them the reference's answer in generations.jsonl; the picks can be redone from it;
+- `report.html`, `curves.png`, `length.png`, `frontier.png` (see rlhf.report): metrics, plots of the
+  PPO run and of the frontier, samples.
+
+Best-of-n: each prompt gets max(n) - 1 more reference samples in one batched pass (their own random
+stream, so the reference and policy answers do not change); with the reference's eval answer that
+makes max(n) samples, split into disjoint groups of n for each n, the reward model picks the best of
+each group, and the picks' scores are averaged over groups and prompts.
 """
 
 from __future__ import annotations
@@ -44,7 +56,11 @@ METRICS = {
     "ref_distinct_1": "the same for the reference",
     "ref_distinct_2": "the same for the reference",
     "policy_ppl_under_ref": "perplexity of the policy's responses under the reference model",
+    "bon_gold_at_policy_kl": "gold of best-of-n from the reference at the policy's KL (interpolated in log n; "
+                             "the largest n's gold when the policy's KL is beyond it)",
+    "bon_policy_kl_beyond_range": "true when the policy's KL is beyond that of the largest n sampled",
 }
+BON_SEED_OFFSET = 1_000_003  # seed of the best-of-n samples' random stream, apart from the eval answers'
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -60,6 +76,57 @@ def win_rate(a: list[float], b: list[float], samples: int, seed: int) -> tuple[f
     boot = sorted(sum(wins[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
     lo, hi = boot[int(0.025 * (samples - 1))], boot[int(0.975 * (samples - 1))]
     return sum(wins) / n, [lo, hi]
+
+
+def best_of_n_kl(n: float) -> float:
+    """KL(best-of-n || reference) in nats, log n - (n - 1) / n: exact when the picking score has no
+    ties, an upper bound otherwise (Stiennon et al. 2020, appendix G.3; Beirami et al. 2024)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_log_n_at_kl(kl: float) -> float:
+    """log n of the (real) n whose best-of-n KL is `kl`, by bisection: the KL, log n - 1 + 1/n, rises
+    with n, so log n lies in [kl, kl + 1]. 0 (n = 1) for kl <= 0."""
+    if kl <= 0:
+        return 0.0
+    lo, hi = kl, kl + 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid - 1 + math.exp(-mid) < kl else (lo, mid)
+    return (lo + hi) / 2
+
+
+def best_of_n_picks(scores: list[float], n: int) -> list[int]:
+    """Index of the best-scoring sample in each disjoint group of n consecutive samples ([0, n),
+    [n, 2n), ...; a remainder shorter than n is left out); a tie goes to the earlier sample."""
+    return [max(range(start, start + n), key=lambda i: scores[i]) for start in range(0, len(scores) - n + 1, n)]
+
+
+def best_of_n_point(scores: list[list[float]], golds: list[list[float]] | None, n: int) -> dict[str, Any]:
+    """A frontier row: best-of-n picked by `scores` (`scores[i][j]`: sample j of prompt i), its analytical
+    KL, and the mean RM score and gold of the picks over every group of every prompt (every prompt has
+    as many samples, so this is also the mean over prompts of each prompt's mean)."""
+    picks = [(i, j) for i, row in enumerate(scores) for j in best_of_n_picks(row, n)]
+    mean = lambda values: sum(values[i][j] for i, j in picks) / len(picks)  # noqa: E731
+    return {"method": "best_of_n", "n": n, "kl": best_of_n_kl(n), "score": mean(scores),
+            "gold": mean(golds) if golds is not None else None}
+
+
+def bon_gold_at_kl(points: list[dict[str, Any]], kl: float) -> tuple[float, bool]:
+    """Best-of-n gold at a KL, and whether that KL is beyond the largest n's.
+
+    `points` are best_of_n_point rows. The gold is linear in log n between the sampled n on either
+    side of the n whose analytical KL is `kl`; below the smallest n it is that n's gold, beyond the
+    largest n it is the largest n's (flagged True: the frontier there is not measured)."""
+    points = sorted(points, key=lambda p: p["n"])
+    if kl >= points[-1]["kl"]:
+        return points[-1]["gold"], kl > points[-1]["kl"]
+    if kl <= points[0]["kl"]:
+        return points[0]["gold"], False
+    hi = next(k for k, p in enumerate(points) if p["kl"] >= kl)
+    a, b = points[hi - 1], points[hi]
+    t = (best_of_n_log_n_at_kl(kl) - math.log(a["n"])) / (math.log(b["n"]) - math.log(a["n"]))
+    return a["gold"] + t * (b["gold"] - a["gold"]), False
 
 
 @torch.no_grad()
@@ -80,9 +147,11 @@ def encode_eval_prompts(cfg: PipelineConfig, prompts: list[Any], tokenizer):
                           cfg.model.use_chat_template, cfg.model.system_prompt)
 
 
-def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device, desc: str):
-    """[(prompt ids, prompt mask, responses, response mask)] per batch; batch i is sampled with seed + i,
-    so every model answers each prompt under the same random stream."""
+def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device, desc: str,
+                   seed: int | None = None):
+    """[(prompt ids, prompt mask, responses, response mask)] per batch; the batch from prompt i on is
+    sampled with seed + i (seed: `run.seed` by default), so every model answers each prompt under the
+    same random stream."""
     from tqdm.auto import tqdm
 
     from rlhf.generation import left_pad, sample, stop_token_ids
@@ -92,7 +161,7 @@ def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineC
     out = []
     for start in tqdm(range(0, len(prompt_ids), ec.batch_size), desc=desc, unit="batch"):
         ids, mask = left_pad(prompt_ids[start:start + ec.batch_size], tokenizer.pad_token_id, device)
-        torch.manual_seed(cfg.run.seed + start)
+        torch.manual_seed((cfg.run.seed if seed is None else seed) + start)
         out.append((ids, mask, *sample(model, ids, mask, ec.max_new_tokens, ec.temperature, stop_ids,
                                        tokenizer.pad_token_id, greedy=ec.greedy)))
     return out
@@ -134,9 +203,29 @@ def summarize(cfg: PipelineConfig, ref: dict, pol: dict) -> dict[str, Any]:
     return metrics
 
 
+def sample_best_of_n(reference, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device,
+                     extra: int) -> list[str]:
+    """`extra` more reference answers per prompt (prompt-major: prompt 0's, then prompt 1's, ...), in one
+    batched pass on a random stream of their own, so the eval answers sampled before and after stay as
+    they were."""
+    from rlhf.generation import decode_responses
+
+    repeated = [ids for ids in prompt_ids for _ in range(extra)]
+    texts: list[str] = []
+    for _, _, responses, response_mask in sample_batches(reference, tokenizer, repeated, cfg, device,
+                                                         f"reference, best-of-{extra + 1} samples",
+                                                         seed=cfg.run.seed + BON_SEED_OFFSET):
+        texts += decode_responses(tokenizer, responses, response_mask)
+    return texts
+
+
 def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir: Path, prompts: list[Any],
-                      device) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Metrics and per-prompt rows of each policy against the reference, whose answers are sampled once.
+                      device) -> tuple[dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+                                       list[dict[str, Any]] | None]:
+    """Metrics and per-prompt rows of each policy against the reference, whose answers are sampled once,
+    and the best-of-n samples of the reference (None without `eval.best_of_n` or when decoding greedily):
+    per prompt `prompt`, `responses`, `scores`, `golds` (None without a gold judge), the reference's eval
+    answer first.
 
     `policies` maps a name to a function that loads that policy (one is in memory at a time)."""
     from rlhf.generation import decode_responses
@@ -159,6 +248,8 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
         policy = load(dtype).to(device).eval()
         measured[name] = measure_policy(policy, reference, tokenizer, enc.input_ids, cfg, device, name)
         del policy
+    max_n = 0 if cfg.eval.greedy else max(cfg.eval.best_of_n, default=0)  # greedy: n copies of one answer
+    extra = sample_best_of_n(reference, tokenizer, enc.input_ids, cfg, device, max_n - 1) if max_n > 1 else []
     del reference
 
     rm = load_reward_model(str(reward_dir), dtype, cfg.model.trust_remote_code).to(device).eval()
@@ -167,6 +258,15 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
     for r in [ref, *measured.values()]:
         r["score"] = score_texts(rm, rm_tok, enc.prompts, r["texts"], cfg.reward.max_length).tolist()
         r["gold"] = judge(r["texts"]) if judge else None
+    bon = None
+    if max_n:  # the best-of-n samples of each prompt: its eval answer, then the max_n - 1 more
+        scores = score_texts(rm, rm_tok, [p for p in enc.prompts for _ in range(max_n - 1)], extra,
+                             cfg.reward.max_length).tolist()
+        golds = judge(extra) if judge and extra else []
+        part = lambda xs, i: xs[i * (max_n - 1):(i + 1) * (max_n - 1)]  # noqa: E731
+        bon = [{"prompt": prompt_text(enc.prompts[i]), "responses": [ref["texts"][i], *part(extra, i)],
+                "scores": [ref["score"][i], *part(scores, i)],
+                "golds": [ref["gold"][i], *part(golds, i)] if judge else None} for i in range(len(enc.prompts))]
     results = {}
     for name, pol in measured.items():
         rows = [{"prompt": prompt_text(enc.prompts[i]), "ref_response": ref["texts"][i],
@@ -175,7 +275,23 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
                  "kl": pol["kl"][i], "ref_length": ref["length"][i], "policy_length": pol["length"][i]}
                 for i in range(len(enc.prompts))]
         results[name] = (summarize(cfg, ref, pol), rows)
-    return results
+    return results, bon
+
+
+def best_of_n_frontier(bon: list[dict[str, Any]], ns: list[int]) -> list[dict[str, Any]]:
+    """The best-of-n rows of the frontier, for n = 1 (the reference, KL 0) and each of `ns`, from the
+    per-prompt samples of evaluate_policies."""
+    golds = [row["golds"] for row in bon] if bon[0]["golds"] is not None else None
+    return [best_of_n_point([row["scores"] for row in bon], golds, n) for n in sorted({1, *ns})]
+
+
+def bon_metrics(frontier: list[dict[str, Any]], kl: float) -> dict[str, Any]:
+    """bon_gold_at_policy_kl and its flag (see METRICS) for a policy at `kl`; nothing without gold."""
+    points = [p for p in frontier if p["method"] == "best_of_n"]
+    if points[0]["gold"] is None:
+        return {}
+    gold, beyond = bon_gold_at_kl(points, kl)
+    return {"bon_gold_at_policy_kl": gold, "bon_policy_kl_beyond_range": beyond}
 
 
 def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
@@ -202,14 +318,25 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                 continue  # the same weights as the final policy
             policies[ckpt.name] = lambda dtype, ckpt=ckpt: policy_from_checkpoint(cfg, ckpt, dtype)
     policies["final"] = lambda dtype: load_causal_lm(str(ppo_dir / "policy"), dtype, cfg.model.trust_remote_code)
-    results = evaluate_policies(cfg, policies, reward_dir, prompts, device)
+    results, bon = evaluate_policies(cfg, policies, reward_dir, prompts, device)
+    frontier = best_of_n_frontier(bon, cfg.eval.best_of_n) if bon else None
+    for m, _ in results.values():
+        m.update(bon_metrics(frontier, m["kl"]) if frontier else {})
     metrics, rows = results.pop("final")
     write_jsonl(out / "generations.jsonl", rows)
     atomic_write_json(out / "metrics.json", metrics)
+    curve = [{"checkpoint": name, "step": int(name.split("_")[1]), **m} for name, (m, _) in results.items()]
+    curve.append({"checkpoint": "final", "step": cfg.ppo.num_updates, **metrics})
     if results:  # the curve over checkpoints, then the final policy
-        curve = [{"checkpoint": name, "step": int(name.split("_")[1]), **m} for name, (m, _) in results.items()]
-        curve.append({"checkpoint": "final", "step": cfg.ppo.num_updates, **metrics})
         write_jsonl(out / "checkpoints.jsonl", curve)
+    if frontier:  # best-of-n, then PPO's path: its checkpoints and the final policy
+        frontier += [{"method": "ppo", "step": r["step"], "kl": r["kl"], "score": r["policy_score"],
+                      "gold": r.get("policy_gold")} for r in curve]
+        write_jsonl(out / "best_of_n.jsonl", bon)
+        write_jsonl(out / "frontier.jsonl", frontier)
+    else:  # no frontier this time: none from an earlier run may stand in the report
+        for name in ("best_of_n.jsonl", "frontier.jsonl"):
+            (out / name).unlink(missing_ok=True)
 
     tracker = Tracker(cfg, "eval", out)
     tracker.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
@@ -220,7 +347,7 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         from rlhf.report import write_report
 
         report = write_report(Path(run_dir), out, config_yaml(cfg))
-        for name in ("curves", "length"):
+        for name in ("curves", "length", "frontier"):
             if report.with_name(f"{name}.png").exists():
                 tracker.log_image(f"eval/{name}", report.with_name(f"{name}.png"))
     except Exception as e:  # the metrics are written: a failed report must not fail the stage

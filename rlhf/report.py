@@ -1,10 +1,12 @@
 """A self-contained HTML report of a run: `<run_dir>/eval/report.html`, plus its plots as PNGs.
 
 `write_report(run_dir)` reads only the run's files (`config.yaml`, `eval/metrics.json`,
-`eval/generations.jsonl`, `ppo/metrics.jsonl`) and writes next to the report:
+`eval/generations.jsonl`, `eval/frontier.jsonl`, `ppo/metrics.jsonl`) and writes next to the report:
 - `curves.png`: RM score and gold score over PPO updates with the KL on a second panel, and both
   scores against the KL, so over-optimisation (RM score up, gold flat or down) shows;
-- `length.png`: mean response length over PPO updates.
+- `length.png`: mean response length over PPO updates;
+- `frontier.png` (with a frontier): gold, and RM score on a second panel, against the KL for
+  best-of-n from the reference and for PPO (its path over checkpoints with `eval.checkpoints`).
 The HTML embeds the PNGs as base64 data URIs and uses no external CSS or JS: it opens offline and
 can be mailed as one file. Plots use matplotlib's Agg canvas without pyplot (no global state).
 Missing inputs (no PPO metrics, no gold judge) skip the affected plot with a note.
@@ -181,6 +183,74 @@ def draw_length(fig, rows: Sequence[dict[str, Any]], eval_metrics: dict[str, Any
     return [] if length else ["no val/response_length in the PPO metrics: length curve skipped"]
 
 
+def draw_frontier(fig, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Draw eval/frontier.jsonl rows into `fig`: gold (left) and RM score (right) against KL, for
+    best-of-n from the reference (n marked) and for PPO, whose checkpoints (`eval.checkpoints`) make a
+    path in update order ending at the final policy (a star). Returns notes on what was skipped.
+
+    The panels side by side show over-optimisation: PPO's path climbing past best-of-n on the RM
+    score while falling back towards or below it on gold is the reward model being exploited."""
+    import numpy as np
+
+    bon = sorted((r for r in rows if r.get("method") == "best_of_n"), key=lambda r: r["n"])
+    ppo = sorted((r for r in rows if r.get("method") == "ppo"), key=lambda r: r["step"])
+    panels = [("score", "RM score", RM_COLOR)]
+    notes = []
+    if any(_finite(r.get("gold")) for r in rows):
+        panels.insert(0, ("gold", "gold score", GOLD_COLOR))
+    else:
+        notes.append("no gold scores in eval/frontier.jsonl (no gold judge configured): RM score only")
+    for ax, (key, label, color) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        pts = [(r["kl"], r[key], r["n"]) for r in bon if _finite(r.get(key))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=REF_COLOR, marker="o", linewidth=2,
+                label="best-of-n from the reference")
+        for x, y, n in pts:
+            ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=8, color=REF_COLOR)
+        path = [(r["kl"], r[key], r["step"]) for r in ppo if _finite(r.get(key)) and _finite(r.get("kl"))]
+        if len(path) > 1:
+            ax.plot([p[0] for p in path], [p[1] for p in path], color=color, marker="s", markersize=5,
+                    linewidth=1.2, alpha=0.6, label="PPO checkpoints, in update order")
+            for x, y, step in path[:-1]:
+                ax.annotate(f"{step}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
+        if path:
+            ax.scatter([path[-1][0]], [path[-1][1]], marker="*", s=220, color=color, edgecolors="black",
+                       linewidths=0.8, label=f"PPO final policy (update {path[-1][2]})", zorder=5)
+        ax.set_xscale("function", functions=(_signed_sqrt, lambda x: np.sign(x) * np.square(x)))
+        ax.set(title=f"{label} against KL", xlabel="KL to the reference (nats, square-root scale)",
+               ylabel=f"mean {label} per response")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    return notes
+
+
+def _signed_sqrt(x):
+    """sqrt(KL) as the x scale, as in Gao et al. 2022 (gold vs KL is about linear in it for best-of-n);
+    signed, since the k1 estimate of a policy close to the reference can be a little below 0."""
+    import numpy as np
+
+    return np.sign(x) * np.sqrt(np.abs(x))
+
+
+def frontier_sentence(rows: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> str:
+    """One sentence on where the final PPO policy stands against best-of-n at its KL (empty without gold)."""
+    from rlhf.evaluate import best_of_n_log_n_at_kl
+
+    bon = sorted((r for r in rows if r.get("method") == "best_of_n"), key=lambda r: r["n"])
+    kl, gold, bon_gold = metrics.get("kl"), metrics.get("policy_gold"), metrics.get("bon_gold_at_policy_kl")
+    if not bon or not all(_finite(x) for x in (kl, gold, bon_gold)):
+        return ""
+    diff = gold - bon_gold
+    lead = f"{'ahead' if diff > 0 else 'behind' if diff < 0 else 'level'}" + (f" by {abs(diff):.3g}" if diff else "")
+    if metrics.get("bon_policy_kl_beyond_range"):
+        n_equal = math.exp(min(best_of_n_log_n_at_kl(kl), 700.0))
+        return (f"The PPO policy's KL of {kl:.3g} nats is beyond the largest n sampled: best-of-{bon[-1]['n']} reaches "
+                f"gold {bon_gold:.3g} at {bon[-1]['kl']:.3g} nats, the PPO policy {gold:.3g} ({lead}), and "
+                f"best-of-n would need n ≈ {n_equal:,.0f} to spend the same KL.")
+    n_equal = math.exp(best_of_n_log_n_at_kl(kl))
+    return (f"At its KL of {kl:.3g} nats the PPO policy reaches gold {gold:.3g}; best-of-n from the reference "
+            f"reaches {bon_gold:.3g} at the same KL (n ≈ {n_equal:.3g}, interpolated in log n): PPO is {lead}.")
+
+
 def _save(fig, path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -301,7 +371,7 @@ def _notes(notes: list[str]) -> str:
 
 
 def write_report(run_dir: Path, out: Path | None = None, config_text: str | None = None) -> Path:
-    """Write `report.html` (+ curves.png, length.png) from the eval outputs in `out` (default
+    """Write `report.html` (+ curves.png, length.png, frontier.png) from the eval outputs in `out` (default
     `<run_dir>/eval`) and the run's PPO metrics; return its path. `config_text` is the config shown
     (default: the run's `config.yaml`)."""
     run_dir = Path(run_dir)
@@ -323,6 +393,18 @@ def write_report(run_dir: Path, out: Path | None = None, config_text: str | None
     length_fig = new_figure(7.5, 3.6)
     length_notes = draw_length(length_fig, ppo_rows, metrics) if ppo_rows else []
     length_png = _save(length_fig, out / "length.png")
+    frontier = _read_rows(out / "frontier.jsonl")
+    if frontier:
+        frontier_fig = new_figure(11, 4.2)
+        frontier_notes = draw_frontier(frontier_fig, frontier)
+        sentence = frontier_sentence(frontier, metrics)
+        frontier_html = [f"<p>{html.escape(sentence)}</p>" if sentence else "", _notes(frontier_notes),
+                         _img(_save(frontier_fig, out / "frontier.png"), "gold and RM score against KL: best-of-n "
+                                                                            "from the reference and PPO")]
+    else:
+        (out / "frontier.png").unlink(missing_ok=True)
+        frontier_html = [_notes(["no eval/frontier.jsonl (eval.best_of_n empty or greedy decoding): "
+                                 "best-of-n comparison skipped"])]
 
     indices = pick_samples(generations)
     parts = [
@@ -338,6 +420,13 @@ def write_report(run_dir: Path, out: Path | None = None, config_text: str | None
         "<p>Over-optimisation shows as the reward-model score rising while the gold score stays flat or falls "
         "as the KL to the reference grows. Stars: the final policy on the held-out prompts.</p>",
         _notes(curve_notes), _img(curves_png, "RM score, gold score and KL over PPO updates"),
+        "<h2>PPO against best-of-n (gold vs KL)</h2>",
+        "<p>Would sampling n answers from the reference and keeping the one the reward model likes best have "
+        "done as well? Best-of-n's KL is the analytical log n − (n−1)/n; its scores are those of the reward "
+        "model's picks on the same held-out prompts. With <code>eval.checkpoints: true</code> PPO's path over "
+        "its checkpoints shows too: the RM score still rising past best-of-n while the gold score stalls or "
+        "falls back towards it is over-optimisation, the reward model exploited.</p>",
+        *frontier_html,
         "<h2>Response length</h2>",
         _notes(length_notes if ppo_rows else ["no PPO metrics: length curve skipped"]),
         _img(length_png, "response length over PPO updates"),

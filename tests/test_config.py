@@ -34,6 +34,9 @@ def test_defaults_load():
     assert cfg.ppo.kl_coef == 0.05
     assert cfg.tracking.wandb == "auto"
     assert cfg.prefs.noise.flip_rate == 0.0
+    assert cfg.eval.best_of_n == [1, 2, 4, 8, 16]
+    assert load_config(None, ["eval.best_of_n=[]"]).eval.best_of_n == []  # off
+    assert load_config(None, ["eval.best_of_n=[4, 32]"]).eval.best_of_n == [4, 32]  # n = 1 is added by eval
 
 
 def test_default_yaml_loads(default_yaml):
@@ -252,6 +255,9 @@ def test_missing_required_dataset_for_load():
     ("ppo.kl_coef=-0.1", "ppo.kl_coef"),
     ("ppo.critic_warmup_updates=40", "ppo.critic_warmup_updates"),
     ("ppo.min_new_tokens=49", "ppo.min_new_tokens"),
+    ("eval.best_of_n=[4, 2]", "eval.best_of_n"),
+    ("eval.best_of_n=[1, 2, 2]", "eval.best_of_n"),
+    ("eval.best_of_n=[0, 4]", "eval.best_of_n"),
 ])
 def test_out_of_range_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

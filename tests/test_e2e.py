@@ -142,8 +142,9 @@ def test_rerun_skips_every_stage(tiny_run):
     assert seconds < max(30.0, tiny_run.seconds / 3), f"rerun took {seconds:.0f}s (first run {tiny_run.seconds:.0f}s)"
 
 
-def test_eval_checkpoints_gives_a_curve(tiny_run_dir, tmp_path):
-    """eval.checkpoints=true evaluates every kept checkpoint before the final policy (a curve)."""
+def test_eval_checkpoints_gives_a_curve(tiny_run_dir, tiny_cfg, tmp_path):
+    """eval.checkpoints=true evaluates every kept checkpoint before the final policy (a curve, and PPO's
+    path in the frontier), and leaves the final policy's results as they were (same seed, same answers)."""
     import shutil
 
     from rlhf.config import load_config
@@ -153,12 +154,21 @@ def test_eval_checkpoints_gives_a_curve(tiny_run_dir, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run_dir)
     cfg = load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}", "run.device=cpu",
-                                            "eval.checkpoints=true", "eval.num_prompts=8"])
+                                            "eval.checkpoints=true"])
     run_pipeline(cfg, only="eval")
     curve = read_jsonl(run_dir / "eval" / "checkpoints.jsonl")
     # keep_checkpoints=2 leaves step_00020 and step_00030; the latter is the final policy itself
     assert [r["checkpoint"] for r in curve] == ["step_00020", "final"]
     assert [r["step"] for r in curve] == [20, 30]
-    assert all(r["num_prompts"] == 8 and r["kl"] == r["kl"] for r in curve)
+    assert all(r["num_prompts"] == tiny_cfg["eval"]["num_prompts"] and r["kl"] == r["kl"] for r in curve)
     final = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert final == json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
     assert curve[-1]["policy_gold"] == final["policy_gold"]
+    assert all("bon_gold_at_policy_kl" in r for r in curve)
+    # the frontier: the same best-of-n rows, then PPO's path over the checkpoints
+    frontier = read_jsonl(run_dir / "eval" / "frontier.jsonl")
+    before = read_jsonl(tiny_run_dir / "eval" / "frontier.jsonl")
+    assert [r for r in frontier if r["method"] == "best_of_n"] == [r for r in before if r["method"] == "best_of_n"]
+    assert [r for r in frontier if r["method"] == "ppo"] == [
+        {"method": "ppo", "step": r["step"], "kl": r["kl"], "score": r["policy_score"], "gold": r["policy_gold"]}
+        for r in curve]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html.parser
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.evaluate import METRICS, distinct_n, win_rate
+from rlhf.evaluate import (METRICS, best_of_n_kl, best_of_n_log_n_at_kl, best_of_n_picks, best_of_n_point,
+                           bon_gold_at_kl, bon_metrics, distinct_n, win_rate)
 from rlhf.utils import UserError, atomic_write_json, write_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,11 +46,56 @@ def test_win_rate_by_hand():
     assert win_rate([1.0], [1.0], samples=10, seed=0) == (0.5, [0.5, 0.5])
 
 
+def test_best_of_n_kl_by_hand():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(0.693147 - 0.5, abs=1e-6)
+    assert best_of_n_kl(4) == pytest.approx(1.386294 - 0.75, abs=1e-6)
+    assert best_of_n_kl(16) == pytest.approx(2.772589 - 0.9375, abs=1e-6)  # 1.84, as issue 17 measured
+    for n in (1.5, 2, 4, 16, 2100, 1e9):  # the inverse
+        assert best_of_n_log_n_at_kl(best_of_n_kl(n)) == pytest.approx(math.log(n), rel=1e-9)
+    assert best_of_n_log_n_at_kl(0.0) == 0.0 and best_of_n_log_n_at_kl(-0.3) == 0.0  # k1 can dip below 0
+
+
+def test_best_of_n_picks_by_hand():
+    scores = [0.1, 0.5, 0.3, 0.3, 0.9, 0.2, 0.4]
+    assert best_of_n_picks(scores, 1) == [0, 1, 2, 3, 4, 5, 6]
+    assert best_of_n_picks(scores, 2) == [1, 2, 4]  # [0, 1] [2, 3] (a tie: the earlier) [4, 5]; 6 left out
+    assert best_of_n_picks(scores, 3) == [1, 4]  # [0, 1, 2] [3, 4, 5]
+    assert best_of_n_picks(scores, 7) == [4] and best_of_n_picks(scores, 8) == []
+
+
+def test_best_of_n_point_by_hand():
+    scores = [[0.0, 2.0, 1.0, 3.0], [5.0, 4.0, 7.0, 6.0]]
+    golds = [[1.0, 0.0, 0.0, 2.0], [0.0, 1.0, 1.0, 0.0]]
+    one, two, four = (best_of_n_point(scores, golds, n) for n in (1, 2, 4))
+    assert one == {"method": "best_of_n", "n": 1, "kl": 0.0, "score": 28 / 8, "gold": 5 / 8}  # every sample
+    # picks: prompt 0 samples 1 and 3, prompt 1 samples 0 and 2 (by score, not by gold)
+    assert two == {"method": "best_of_n", "n": 2, "kl": best_of_n_kl(2), "score": (2 + 3 + 5 + 7) / 4,
+                   "gold": (0 + 2 + 0 + 1) / 4}
+    assert (four["score"], four["gold"]) == ((3 + 7) / 2, (2 + 1) / 2)
+    assert best_of_n_point(scores, None, 2)["gold"] is None
+
+
+def test_bon_gold_at_kl_by_hand():
+    points = [{"n": n, "kl": best_of_n_kl(n), "gold": g} for n, g in ((16, 0.8), (1, 0.0), (4, 0.6))]
+    assert bon_gold_at_kl(points, best_of_n_kl(2)) == (pytest.approx(0.3), False)  # log 2 halfway 1 -> 4
+    assert bon_gold_at_kl(points, best_of_n_kl(8)) == (pytest.approx(0.7), False)  # log 8 halfway 4 -> 16
+    assert bon_gold_at_kl(points, best_of_n_kl(4)) == (pytest.approx(0.6), False)
+    assert bon_gold_at_kl(points, best_of_n_kl(16)) == (0.8, False)  # the edge is still measured
+    assert bon_gold_at_kl(points, 6.67) == (0.8, True)  # beyond best-of-16: its gold, flagged
+    assert bon_gold_at_kl(points, -0.05) == (0.0, False)
+    assert bon_gold_at_kl([points[0], points[2]], 0.1) == (0.6, False)  # below the smallest n (4): its gold
+    frontier = [{"method": "best_of_n", **p} for p in points] + [{"method": "ppo", "step": 3, "kl": 9.0, "gold": 2}]
+    assert bon_metrics(frontier, best_of_n_kl(8)) == {"bon_gold_at_policy_kl": pytest.approx(0.7),
+                                                      "bon_policy_kl_beyond_range": False}
+    assert bon_metrics([{**p, "gold": None} for p in frontier], 1.0) == {}  # no gold judge
+
+
 # ---------------------------------------------------------------------------------------------
 # a hand-made run directory (no models)
 
 
-def make_run(root: Path, n: int = 23, gold: bool = True, ppo: bool = True) -> Path:
+def make_run(root: Path, n: int = 23, gold: bool = True, ppo: bool = True, frontier: bool = True) -> Path:
     run = root / "run"
     rows = []
     for i in range(n):
@@ -65,6 +112,14 @@ def make_run(root: Path, n: int = 23, gold: bool = True, ppo: bool = True) -> Pa
                "win_rate_rm_ci": [0.4, 0.8], "policy_length": 12.0, "ref_length": 10.0}
     if gold:
         metrics.update(policy_gold=0.2, ref_gold=0.0, gold_gain=0.2, win_rate_gold=0.55, win_rate_gold_ci=[0.3, 0.7])
+    if frontier:
+        write_jsonl(run / "eval" / "frontier.jsonl", [
+            *({"method": "best_of_n", "n": k, "kl": best_of_n_kl(k), "score": 0.1 * k,
+               "gold": 0.04 * k if gold else None} for k in (1, 2, 4)),
+            *({"method": "ppo", "step": s, "kl": 1.1 * s, "score": 0.05 * s, "gold": 0.1 * s - 0.3 if gold else None}
+              for s in (2, 4))])
+        if gold:
+            metrics.update(bon_gold_at_policy_kl=0.16, bon_policy_kl_beyond_range=True)
     atomic_write_json(run / "eval" / "metrics.json", metrics)
     (run / "config.yaml").write_text("run:\n  name: hand-made\n")
     if ppo:
@@ -131,12 +186,16 @@ def test_report_hand_made_run_escapes_and_embeds(tmp_path):
     run = make_run(tmp_path)
     path = write_report(run)
     assert path == run / "eval" / "report.html"
-    for png in ("curves.png", "length.png"):
+    for png in ("curves.png", "length.png", "frontier.png"):
         assert (run / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     parser = parse_report(path)
-    check_self_contained(parser, n_images=2)
+    check_self_contained(parser, n_images=3)
     text = "".join(parser.text)
     assert "hand-made" in text
+    # the frontier's sentence: beyond best-of-4 (KL 0.64), PPO's gold 0.2 against 0.16; log 66 - 65/66 = 3.2
+    assert ("The PPO policy's KL of 3.2 nats is beyond the largest n sampled: best-of-4 reaches gold 0.16 at "
+            "0.636 nats, the PPO policy 0.2 (ahead by 0.04), and best-of-n would need n ≈ 66 to spend the same "
+            "KL.") in text
     assert "<b>tag</b>" in text and parser.tags["b"] == 10  # prompt HTML is escaped; 10 "#i" labels are <b>
     assert "&lt;b&gt;tag" in path.read_text()
     for key in json.loads((run / "eval" / "metrics.json").read_text()):
@@ -154,14 +213,52 @@ def test_report_without_ppo_metrics_or_gold(tmp_path):
 
     run2 = make_run(tmp_path / "b", gold=False, ppo=True)
     parser = parse_report(write_report(run2))
+    check_self_contained(parser, n_images=3)
+    text = "".join(parser.text)
+    assert "no gold score in the PPO metrics" in text
+    assert "no gold scores in eval/frontier.jsonl" in text and "beyond the largest n" not in text
+
+
+def test_report_without_frontier(tmp_path):
+    from rlhf.report import write_report
+
+    run = make_run(tmp_path, frontier=False)
+    (run / "eval" / "frontier.png").write_bytes(b"an earlier run's")
+    parser = parse_report(write_report(run))
     check_self_contained(parser, n_images=2)
-    assert "no gold score in the PPO metrics" in "".join(parser.text)
+    assert "no eval/frontier.jsonl (eval.best_of_n empty or greedy decoding)" in "".join(parser.text)
+    assert not (run / "eval" / "frontier.png").exists()
+
+
+def test_draw_frontier_panels_and_path(tmp_path):
+    from rlhf.report import draw_frontier, new_figure
+
+    rows = [{"method": "best_of_n", "n": n, "kl": best_of_n_kl(n), "score": 0.1 * n, "gold": 0.05 * n}
+            for n in (1, 2, 4, 8)]
+    rows += [{"method": "ppo", "step": s, "kl": 2.0 * s, "score": 0.3 * s, "gold": 0.4 - 0.05 * s} for s in (3, 1, 2)]
+    fig = new_figure(11, 4)
+    assert draw_frontier(fig, rows) == []
+    gold_ax, rm_ax = fig.axes
+    assert gold_ax.get_title() == "gold score against KL" and rm_ax.get_title() == "RM score against KL"
+    bon_line, ppo_path = gold_ax.get_lines()
+    assert list(bon_line.get_xdata()) == [best_of_n_kl(n) for n in (1, 2, 4, 8)]
+    assert list(ppo_path.get_xdata()) == [2.0, 4.0, 6.0]  # PPO's path in update order
+    assert list(ppo_path.get_ydata()) == pytest.approx([0.35, 0.3, 0.25])
+    assert list(rm_ax.get_lines()[1].get_ydata()) == pytest.approx([0.3, 0.6, 0.9])  # RM up, gold down
+    assert [t.get_text() for t in gold_ax.texts] == ["n=1", "n=2", "n=4", "n=8", "1", "2"]
+    no_gold = new_figure(11, 4)
+    assert draw_frontier(no_gold, [{**r, "gold": None} for r in rows]) == [
+        "no gold scores in eval/frontier.jsonl (no gold judge configured): RM score only"]
+    assert [ax.get_title() for ax in no_gold.axes] == ["RM score against KL"]
 
 
 def test_report_of_the_tiny_run(tiny_run_dir):
+    from rlhf.report import frontier_sentence
+    from rlhf.utils import read_jsonl
+
     path = tiny_run_dir / "eval" / "report.html"
     parser = parse_report(path)
-    check_self_contained(parser, n_images=2)
+    check_self_contained(parser, n_images=3)
     text = " ".join(" ".join(parser.text).split())
     assert "RLHF report: tiny" in text
     metrics = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
@@ -170,8 +267,109 @@ def test_report_of_the_tiny_run(tiny_run_dir):
     first = json.loads((tiny_run_dir / "eval" / "generations.jsonl").read_text().splitlines()[0])
     assert " ".join(first["prompt"].split()) in text  # the sample starts at row 0
     assert parser.tags["tr"] >= len(metrics) + 1 + 10  # metrics table and 10 sample rows (+ headers)
-    for png in ("curves.png", "length.png"):
+    for png in ("curves.png", "length.png", "frontier.png"):
         assert (tiny_run_dir / "eval" / png).stat().st_size > 10_000
+    assert "PPO against best-of-n (gold vs KL)" in text
+    sentence = frontier_sentence(read_jsonl(tiny_run_dir / "eval" / "frontier.jsonl"), metrics)
+    assert "the PPO policy" in sentence and sentence in text
+
+
+def test_frontier_sentence_within_and_without_gold():
+    from rlhf.report import frontier_sentence
+
+    rows = [{"method": "best_of_n", "n": n, "kl": best_of_n_kl(n), "gold": g}
+            for n, g in ((1, 0.0), (4, 0.6), (16, 0.8))]
+    metrics = {"kl": best_of_n_kl(8), "policy_gold": 0.65, "bon_gold_at_policy_kl": 0.7,
+               "bon_policy_kl_beyond_range": False}
+    assert frontier_sentence(rows, metrics) == (
+        "At its KL of 1.2 nats the PPO policy reaches gold 0.65; best-of-n from the reference reaches 0.7 at the "
+        "same KL (n ≈ 8, interpolated in log n): PPO is behind by 0.05.")
+    assert frontier_sentence(rows, {**metrics, "policy_gold": 0.7}).endswith("PPO is level.")
+    assert frontier_sentence(rows, {"kl": 1.0, "policy_gold": 0.5}) == ""  # no bon_gold_at_policy_kl: no gold
+
+
+# ---------------------------------------------------------------------------------------------
+# the frontier of the tiny run
+
+
+def test_frontier_of_the_tiny_run(tiny_run_dir):
+    """Best-of-n rows for n = 1 and each of eval.best_of_n with the analytical KL, one PPO row (the final
+    policy), and picks made by the run's reward model on the samples of eval/best_of_n.jsonl."""
+    import torch
+    import yaml
+
+    from rlhf.utils import read_jsonl
+
+    cfg = yaml.safe_load((tiny_run_dir / "config.yaml").read_text())
+    ns = sorted({1, *cfg["eval"]["best_of_n"]})
+    assert len(ns) >= 3
+    metrics = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
+    frontier = read_jsonl(tiny_run_dir / "eval" / "frontier.jsonl")
+    bon = [r for r in frontier if r["method"] == "best_of_n"]
+    assert [r["n"] for r in bon] == ns  # n = 1 first, then increasing
+    for r in bon:
+        assert set(r) == {"method", "n", "kl", "score", "gold"}
+        assert r["kl"] == pytest.approx(math.log(r["n"]) - (r["n"] - 1) / r["n"], abs=1e-12)
+    assert frontier[len(bon):] == [{"method": "ppo", "step": cfg["ppo"]["num_updates"], "kl": metrics["kl"],
+                                    "score": metrics["policy_score"], "gold": metrics["policy_gold"]}]
+
+    # the samples: max(n) per prompt, the first of them the reference's eval answer
+    samples = read_jsonl(tiny_run_dir / "eval" / "best_of_n.jsonl")
+    generations = read_jsonl(tiny_run_dir / "eval" / "generations.jsonl")
+    assert len(samples) == len(generations)
+    for s, g in zip(samples, generations):
+        assert s["prompt"] == g["prompt"] and len(s["responses"]) == len(s["scores"]) == len(s["golds"]) == ns[-1]
+        assert (s["responses"][0], s["scores"][0], s["golds"][0]) == (g["ref_response"], g["ref_score"], g["ref_gold"])
+    extra = [(s["prompt"], r, score) for s in samples for r, score in zip(s["responses"][1:], s["scores"][1:])]
+    assert sum(r != s["responses"][0] for s in samples for r in s["responses"][1:]) > len(extra) / 2  # new draws
+
+    # the stored scores are the reward model's ...
+    from reward_models.model import score_texts
+    from rlhf.models import load_reward_model, load_tokenizer
+
+    reward_dir = str(tiny_run_dir / "reward" / "model")
+    rm, tok = load_reward_model(reward_dir, torch.float32).eval(), load_tokenizer(reward_dir, padding_side="right")
+    rescored = score_texts(rm, tok, [e[0] for e in extra[:40]], [e[1] for e in extra[:40]], cfg["reward"]["max_length"])
+    assert rescored.tolist() == pytest.approx([e[2] for e in extra[:40]], abs=1e-4)
+    # ... and each n's row is the mean over the highest-scoring sample of each disjoint group of n
+    for row in bon:
+        n = row["n"]
+        picks = [(s, max(range(k, k + n), key=lambda j: s["scores"][j])) for s in samples
+                 for k in range(0, ns[-1] - n + 1, n)]
+        assert row["score"] == pytest.approx(sum(s["scores"][j] for s, j in picks) / len(picks))
+        assert row["gold"] == pytest.approx(sum(s["golds"][j] for s, j in picks) / len(picks))
+    scores = [r["score"] for r in bon]
+    assert scores == sorted(scores)  # groups of 1, 2, 4 nest: a bigger group's best is never worse
+    assert bon[-1]["gold"] > bon[0]["gold"]  # the reward model learned the keyword: its picks say it more
+
+    gold, beyond = bon_gold_at_kl(bon, metrics["kl"])
+    assert metrics["bon_gold_at_policy_kl"] == gold
+    assert metrics["bon_policy_kl_beyond_range"] is beyond is (metrics["kl"] > bon[-1]["kl"])
+
+
+def test_eval_without_best_of_n_has_the_same_answers(tiny_run_dir, tmp_path):
+    """eval.best_of_n=[]: the same generations and metrics (the best-of-n keys aside) as with it, since
+    its samples draw from a random stream of their own; the earlier frontier files are removed."""
+    import shutil
+
+    from rlhf.config import load_config
+    from rlhf.pipeline import run_pipeline
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    cfg = load_config(PROJECT_ROOT / "configs" / "tiny.yaml", [f"run.output_dir={run_dir}", "run.device=cpu",
+                                                               "eval.best_of_n=[]"])
+    run_pipeline(cfg, only="eval")
+    with_bon = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
+    without = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert without == {k: v for k, v in with_bon.items() if not k.startswith("bon_")} != with_bon
+    generations = [d / "eval" / "generations.jsonl" for d in (run_dir, tiny_run_dir)]
+    assert generations[0].read_text() == generations[1].read_text()
+    for name in ("frontier.jsonl", "best_of_n.jsonl", "frontier.png"):
+        assert not (run_dir / "eval" / name).exists()
+    parser = parse_report(run_dir / "eval" / "report.html")
+    check_self_contained(parser, n_images=2)
+    assert "best-of-n comparison skipped" in "".join(parser.text)
 
 
 # ---------------------------------------------------------------------------------------------
