@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import PipelineConfig
-from rlhf.utils import UserError, atomic_write_json, fingerprint
+from rlhf.utils import UserError, atomic_write_json, fingerprint, rlhf_command
 
 STAGES = ("prefs", "reward", "ppo", "eval")
 MARKER = "_done.json"
@@ -295,8 +295,9 @@ def require_done(cfg: PipelineConfig, run_dir: Path, stage: str, needed_by: str)
     """The folder of an upstream stage, or a UserError that says what to run first."""
     why = why_not_done(cfg, run_dir, stage)
     if why is not None:
+        rlhf = rlhf_command()
         raise UserError(f"the {needed_by} stage needs the {stage} stage, which {why} in {run_dir}: "
-                        f"run `rlhf {stage} CONFIG` (or `rlhf run CONFIG`) first")
+                        f"run `{rlhf} {stage} CONFIG` (or `{rlhf} run CONFIG`) first")
     return Path(run_dir) / stage
 
 

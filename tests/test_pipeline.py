@@ -166,7 +166,7 @@ def test_only_reward_without_prefs_raises(fake, run_dir):
     with pytest.raises(UserError) as e:
         run_pipeline(cfg_for(run_dir), only="reward")
     msg = str(e.value)
-    assert "prefs" in msg and "has not finished" in msg and "rlhf prefs" in msg
+    assert "prefs" in msg and "has not finished" in msg and "prefs CONFIG" in msg
     assert fake.take() == []
 
 
