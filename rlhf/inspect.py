@@ -290,7 +290,7 @@ def load_run(run_dir: Path | str) -> dict:
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     except FileNotFoundError:
         metrics = {}
-    from rlhf.evaluate import METRICS  # documented order first
+    from rlhf.eval_math import METRICS  # documented order first
 
     order = [k for k in METRICS if k in metrics] + [k for k in metrics if k not in METRICS]
     metrics = {k: metrics[k] for k in order}

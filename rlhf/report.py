@@ -233,7 +233,7 @@ def _signed_sqrt(x):
 
 def frontier_sentence(rows: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> str:
     """One sentence on where the final PPO policy stands against best-of-n at its KL (empty without gold)."""
-    from rlhf.evaluate import best_of_n_log_n_at_kl
+    from rlhf.eval_math import best_of_n_log_n_at_kl
 
     bon = sorted((r for r in rows if r.get("method") == "best_of_n"), key=lambda r: r["n"])
     kl, gold, bon_gold = metrics.get("kl"), metrics.get("policy_gold"), metrics.get("bon_gold_at_policy_kl")
@@ -311,7 +311,7 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    from rlhf.evaluate import METRICS
+    from rlhf.eval_math import METRICS
 
     keys = [k for k in METRICS if k in metrics] + sorted(k for k in metrics if k not in METRICS)
     rows = "".join(f'<tr><td class="key">{html.escape(k)}</td><td class="num">{html.escape(_fmt(metrics[k]))}</td>'
