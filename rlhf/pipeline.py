@@ -16,6 +16,7 @@ from typing import Callable
 from rich.console import Console
 
 from rlhf.config import PipelineConfig, save_config
+from rlhf.preflight import preflight
 from rlhf.utils import UserError, atomic_write_json, fingerprint
 
 STAGES = ("prefs", "reward", "ppo", "eval")
@@ -90,11 +91,12 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
     for name in (only, start):
         if name is not None and name not in STAGES:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    selected = [only] if only else list(STAGES[STAGES.index(start):] if start else STAGES)
+    preflight(cfg, selected)
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     prints = stage_fingerprints(cfg)
-    selected = [only] if only else list(STAGES[STAGES.index(start):] if start else STAGES)
     for stage in STAGES[: STAGES.index(selected[0])]:
         require_done(cfg, run_dir, stage, selected[0])
 
