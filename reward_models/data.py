@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import PipelineConfig
-from rlhf.utils import UserError, atomic_write_json, write_jsonl
+from rlhf.utils import UserError, atomic_write_json, fault_context, write_jsonl
 
 Pair = dict[str, Any]
 
@@ -105,6 +105,12 @@ def load_pairs(rows: list[dict[str, Any]], source: str = "dataset") -> tuple[lis
     return pairs, dropped
 
 
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow: a small annotator temperature makes |x| huge (below -700, e^x is
+    the value to within 1e-304)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700 else math.exp(x)
+
+
 def label_pairs(prompts: list[Any], responses: list[list[str]], gold: list[list[float]], bt_temperature: float,
                 flip_rate: float, min_gold_gap: float, rng: random.Random) -> tuple[list[Pair], dict[str, float]]:
     """Simulated annotators (AlpacaFarm-style): for each pair of a prompt's responses, choose by
@@ -117,8 +123,7 @@ def label_pairs(prompts: list[Any], responses: list[list[str]], gold: list[list[
                 skipped += 1
                 continue
             if bt_temperature > 0:
-                p_a = 1.0 / (1.0 + math.exp(-(ga - gb) / bt_temperature))
-                prefer_a = rng.random() < p_a
+                prefer_a = rng.random() < sigmoid((ga - gb) / bt_temperature)
             else:
                 prefer_a = ga > gb if ga != gb else rng.random() < 0.5
             if rng.random() < flip_rate:
@@ -198,7 +203,8 @@ def run_prefs(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         pairs, dropped = load_pairs(load_rows(cfg.prefs.dataset, cfg.prefs.dataset_split), cfg.prefs.dataset)
         stats: dict[str, Any] = {"rows_dropped": dict(dropped), "rows_dropped_total": sum(dropped.values())}
     else:
-        pairs, stats = simulate_pairs(cfg)
+        with fault_context("prefs"):
+            pairs, stats = simulate_pairs(cfg)
     if cfg.prefs.max_pairs > 0:
         pairs = pairs[: cfg.prefs.max_pairs]
     train, test = split_by_prompt(pairs, cfg.prefs.test_fraction, cfg.run.seed)

@@ -4,17 +4,22 @@
     judge(["What a lovely day!"])       # -> [0.6...]
 
 Names: `vader`, `length` (words), `keyword:WORD` (occurrences of WORD), or `module:function` for any
-importable function that maps one text to a float.
+importable function that maps one text to a float. `module:function` runs your code: the module is
+imported (from the working directory or the Python path) when the config is checked, before any
+stage starts. Every judge's scores are checked: a NaN or inf stops the stage with a TrainingFault.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import math
+import os
 import re
+import sys
 from typing import Callable
 
-from rlhf.utils import UserError
+from rlhf.utils import TrainingFault, UserError
 
 Judge = Callable[[list[str]], list[float]]
 
@@ -42,23 +47,57 @@ def keyword(word: str) -> Judge:
 
 
 def _from_import(spec: str) -> Judge:
+    """The function `module:function`, imported now (the working directory first on the path, as with
+    `python -m`); any failure to import it, or a name that is not a function, is a UserError."""
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"judge {spec!r} cannot be imported: {e}") from None
-    return lambda texts: [float(fn(t)) for t in texts]
+    except Exception as e:  # ImportError, AttributeError, and whatever the module raises as it loads (SyntaxError…)
+        raise UserError(f"judge {spec!r} cannot be imported: {type(e).__name__}: {e}") from e  # --debug shows where
+    if not callable(fn):
+        raise UserError(f"judge {spec!r} is not a function of the text (it is {type(fn).__name__} {repr(fn)[:40]})")
+
+    def judge(texts: list[str]) -> list[float]:
+        scores = []
+        for text in texts:
+            try:
+                value = fn(text)
+            except Exception as e:
+                raise UserError(f"judge {spec!r} raised {type(e).__name__}: {e} (on the response {text[:60]!r})") from e
+            try:
+                scores.append(float(value))
+            except (TypeError, ValueError):
+                raise UserError(f"judge {spec!r} returned {value!r} for {text[:60]!r}; it must return a number") from None
+        return scores
+
+    return judge
+
+
+def checked(name: str, judge: Judge) -> Judge:
+    """`judge`, raising a TrainingFault when a score is NaN or infinite: such a score would label pairs, or
+    reward PPO, at random (NaN compares false with everything)."""
+    def judge_checked(texts: list[str]) -> list[float]:
+        scores = judge(texts)
+        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            raise TrainingFault(f"judge {name!r} returned {scores[bad[0]]} for {len(bad)} of {len(texts)} responses "
+                                f"(e.g. {texts[bad[0]][:60]!r}); it must return finite numbers")
+        return scores
+
+    return judge_checked
 
 
 JUDGES: dict[str, Judge] = {"vader": vader, "length": length}
 
 
 def get_judge(name: str) -> Judge:
-    """A judge by name (see the module docstring)."""
+    """A judge by name (see the module docstring), its scores checked to be finite."""
     if name in JUDGES:
-        return JUDGES[name]
+        return checked(name, JUDGES[name])
     if name.startswith("keyword:") and len(name) > len("keyword:"):
-        return keyword(name.split(":", 1)[1])
+        return checked(name, keyword(name.split(":", 1)[1]))
     if ":" in name and not name.startswith("keyword:"):
-        return _from_import(name)
+        return checked(name, _from_import(name))
     raise UserError(f"unknown judge {name!r}: use vader, length, keyword:WORD or module:function")

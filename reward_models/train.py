@@ -19,7 +19,7 @@ import torch
 
 from rlhf.config import PipelineConfig
 from rlhf.stages import require_done
-from rlhf.utils import UserError, atomic_dir, atomic_write_json, read_jsonl
+from rlhf.utils import TrainingFault, UserError, atomic_dir, atomic_write_json, check_weights, read_jsonl
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -223,6 +223,26 @@ def grouped_reward_trainer():
     return GroupedRewardTrainer
 
 
+def diverged_hint(rc) -> str:
+    """The likely cause of a reward model whose loss, weights or scores went non-finite or exploded."""
+    return f"reward.learning_rate={rc.learning_rate:g} too high?"
+
+
+def checked_loss(trainer_cls, rc):
+    """`trainer_cls` stopping with a TrainingFault at the first non-finite loss. The Trainer itself would
+    carry on (it even filters NaN out of the logged loss) and train the rest of the run on NaN weights."""
+    class CheckedLoss(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = result[0] if return_outputs else result
+            if self.model.training and not torch.isfinite(loss.detach()).all():
+                raise TrainingFault(f"reward: loss is {loss.detach().float().mean().item()} at step "
+                                    f"{self.state.global_step + 1}: {diverged_hint(rc)}")
+            return result
+
+    return CheckedLoss
+
+
 def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The reward stage: train, evaluate, normalise and save the reward model to `out/model` (published as
     `<run_dir>/reward/model`)."""
@@ -258,10 +278,10 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                                  target_modules="all-linear", lora_dropout=0.0)
     if rc.group_by_prompt:
         train_ds = build_grouped_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
-        trainer_cls, collator = grouped_reward_trainer(), collate_groups(tokenizer.pad_token_id)
+        trainer_cls, collator = checked_loss(grouped_reward_trainer(), rc), collate_groups(tokenizer.pad_token_id)
     else:
         train_ds = build_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
-        trainer_cls, collator = RewardTrainer, None
+        trainer_cls, collator = checked_loss(RewardTrainer, rc), None
     tracker = Tracker(cfg, "reward", out)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         args = RewardConfig(
@@ -281,6 +301,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         model = model.merge_and_unload()
     model.eval()
     trained = model
+    check_weights(list(trained.parameters()), "reward: after training", diverged_hint(rc))
     # evaluate and normalise in the dtype consumers will score in (parameters only, as their loading does)
     model = cast_parameters(copy.deepcopy(trained), dtype)
 
@@ -291,8 +312,12 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     raw = score_texts(model, tokenizer, prompts, responses, rc.max_length, normalize=False)
     mean = raw.mean().item()
     std = raw.std().item() if rc.normalize_std and len(raw) > 1 else 1.0
-    if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
-        raise RuntimeError(f"reward model produced invalid scores on reference responses (mean {mean}, std {std})")
+    if not math.isfinite(mean) or not math.isfinite(std):
+        raise TrainingFault(f"reward: the reward model's scores on {len(raw)} reference responses are not finite "
+                            f"(mean {mean}, std {std}), so it cannot be normalised: {diverged_hint(rc)}")
+    if std <= 0:
+        raise TrainingFault(f"reward: the reward model gives all {len(raw)} reference responses the same score "
+                            f"({mean:.4g}), so it cannot be normalised: it learned nothing (more pairs or epochs?)")
     trained.config.reward_mean, trained.config.reward_std = mean, std
     metrics.update(reference_raw_mean=mean, reference_raw_std=std, reference_samples=len(raw))
 

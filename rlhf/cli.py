@@ -1,7 +1,10 @@
 """Command line: `rlhf run|prefs|reward|ppo|eval CONFIG [KEY=VALUE ...]`, `rlhf inspect RUN_DIR`, `rlhf bench`.
 
-A user error (bad config, missing file, empty dataset...) prints one line on stderr and exits 2;
-`--debug` shows the traceback instead.
+Exit codes: 0 done; 2 a user error (bad config, missing or malformed file, a judge that does not
+import, a run directory that cannot be written...), found before any stage starts where it can be;
+3 a training fault (a NaN or inf score, loss, gradient or weight, or weights that exploded), which
+stops the stage before it saves anything; 130 interrupted. Errors and faults print one line on
+stderr; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from pathlib import Path
 
 EPILOG = """overrides: dotted KEY=VALUE pairs applied over the YAML, e.g.
   ppo.kl_coef=0.1 run.output_dir=runs/try tracking.wandb=off
-stages: prefs -> reward -> ppo -> eval; a finished stage is skipped while its config is unchanged."""
+stages: prefs -> reward -> ppo -> eval; a finished stage is skipped while its config is unchanged.
+judges: prefs.judge / ppo.reward = module:function imports that module and runs its code.
+exit codes: 2 bad input (one line, before any stage starts), 3 a numerical fault in training
+  (nothing saved from it; rerun with a fixed config), 130 interrupted (rerun to resume)."""
 
 STAGE_HELP = {
     "prefs": "build preference pairs: load a dataset, or sample responses and label them with a gold judge",
@@ -77,7 +83,9 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "bench":
         from rlhf.bench import run_bench
+        from rlhf.preflight import preflight
 
+        preflight(cfg, ["ppo"], check_output_dir=False)  # the bench writes to a scratch folder
         run_bench(cfg, updates=args.updates, json_out=args.json_out)
         return 0
     if args.command == "run":
@@ -107,9 +115,15 @@ def _summary(cfg, outputs: dict[str, Path]) -> None:
         console.print(f"  report  {escape(str(report))}\n  inspect: {escape(command)}")
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line for an OS error on a path: what failed, where, and that the path is the user's to fix."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{e.strerror or e}{': ' + where if where else ''} (check the path, its permissions and free space)"
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhf.config import ConfigError
-    from rlhf.utils import UserError, keep_freed_memory
+    from rlhf.utils import TrainingFault, UserError, keep_freed_memory
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow options (`--only ppo a.b=1`)
@@ -120,12 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keep_freed_memory()
+    debug = getattr(args, "debug", False)
     try:
         return _run(args)
-    except (ConfigError, UserError, FileNotFoundError) as e:
-        if getattr(args, "debug", False):
+    except (ConfigError, UserError) as e:
+        if debug:
             raise
         print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingFault as e:
+        if debug:
+            raise
+        print(f"rlhf: training fault: {e} (the stage stopped; nothing was saved from it)", file=sys.stderr)
+        return 3
+    except OSError as e:  # a run directory that cannot be written, a full disk, a file that vanished
+        if debug:
+            raise
+        print(f"rlhf: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlhf: interrupted; finished stages and checkpoints are kept, rerun the same command to resume",

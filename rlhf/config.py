@@ -3,8 +3,9 @@
     cfg = load_config("configs/default.yaml", ["ppo.kl_coef=0.1", "run.output_dir=runs/try"])
 
 Every value is checked before any work starts: unknown keys (with a close match when there is
-one), wrong types, missing required values and sizes that do not divide evenly all raise
-`ConfigError` with one line that names the key.
+one), wrong types, values out of their range (`RANGES`), missing required values and sizes that do
+not divide evenly all raise `ConfigError` with one line that names the key. What the values point
+at (files, judges, the tokenizer) is checked by `rlhf.preflight`.
 """
 
 from __future__ import annotations
@@ -391,7 +392,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = _load_yaml(path.read_text())
+            loaded = _load_yaml(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -412,6 +417,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         node[keys[-1]] = value
     cfg = _build(PipelineConfig, data)
     validate(cfg)
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser())  # as data and model paths expand `~`
     return cfg
 
 
@@ -462,51 +468,81 @@ def ppo_sizes(ppo: PPOConfig, num_processes: int = 1) -> PPOSizes:
     return PPOSizes(num_processes, local_batch, local_mini, micro, num_mini, steps)
 
 
+# The range of every numeric field: "> 0", ">= 0", ">= 2", or an interval ("[0, 1]" closed, "(0, 1)" open).
+# A field set to None (optional values) is not checked. tests/test_config.py checks that every numeric
+# field of the schema is listed here.
+RANGES = {
+    "run.seed": ">= 0", "run.threads": ">= 0",
+    "data.max_prompt_tokens": "> 0", "data.max_train_prompts": ">= 0",
+    "prefs.num_prompts": "> 0", "prefs.responses_per_prompt": ">= 2", "prefs.max_new_tokens": "> 0",
+    "prefs.temperature": "> 0", "prefs.batch_size": "> 0", "prefs.min_gold_gap": ">= 0",
+    "prefs.noise.bt_temperature": ">= 0", "prefs.noise.flip_rate": "[0, 0.5]", "prefs.test_fraction": "(0, 1)",
+    "prefs.max_pairs": ">= 0",
+    "reward.num_layers": ">= 0", "reward.lora_r": "> 0", "reward.epochs": "> 0", "reward.learning_rate": "> 0",
+    "reward.batch_size": "> 0", "reward.gradient_accumulation_steps": "> 0", "reward.max_length": "> 0",
+    "reward.center_rewards_coefficient": ">= 0", "reward.normalize_samples": "> 0",
+    "ppo.num_updates": "> 0", "ppo.batch_size": "> 0", "ppo.mini_batch_size": "> 0",
+    "ppo.gradient_accumulation_steps": "> 0", "ppo.ppo_epochs": "> 0", "ppo.learning_rate": "> 0",
+    "ppo.warmup_steps": ">= 0", "ppo.max_grad_norm": "> 0", "ppo.max_new_tokens": "> 0", "ppo.min_new_tokens": ">= 0",
+    "ppo.temperature": "> 0", "ppo.missing_eos_penalty": ">= 0", "ppo.kl_coef": ">= 0", "ppo.target_kl": "> 0",
+    "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.cliprange": "(0, 1)",
+    "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.score_clip": "> 0", "ppo.critic_warmup_updates": ">= 0",
+    "ppo.lora_r": "> 0", "ppo.lora_alpha": "> 0", "ppo.save_every": "> 0", "ppo.keep_checkpoints": "> 0",
+    "ppo.sample_every": "> 0",
+    "eval.num_prompts": ">= 0", "eval.max_new_tokens": "> 0", "eval.temperature": "> 0", "eval.batch_size": "> 0",
+    "eval.bootstrap_samples": "> 0",
+}
+# Strings that must not be empty.
+NON_EMPTY = ("run.output_dir", "model.policy", "data.train_prompts", "data.test_prompts", "data.prompt_column",
+             "data.split", "data.test_split", "ppo.reward")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether `value` lies in a RANGES spec such as "> 0", ">= 2", "[0, 0.5]" or "(0, 1)"."""
+    if spec.startswith((">", "<")):
+        op, bound = spec.split()
+        bound = float(bound)
+        return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    above = value >= lo if spec[0] == "[" else value > lo
+    below = value <= hi if spec[-1] == "]" else value < hi
+    return above and below
+
+
+def get_value(cfg: PipelineConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(cfg: PipelineConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    positive = {
-        "ppo.num_updates": cfg.ppo.num_updates, "ppo.batch_size": cfg.ppo.batch_size,
-        "ppo.mini_batch_size": cfg.ppo.mini_batch_size, "ppo.ppo_epochs": cfg.ppo.ppo_epochs,
-        "ppo.gradient_accumulation_steps": cfg.ppo.gradient_accumulation_steps,
-        "ppo.max_new_tokens": cfg.ppo.max_new_tokens, "ppo.save_every": cfg.ppo.save_every,
-        "ppo.keep_checkpoints": cfg.ppo.keep_checkpoints, "ppo.sample_every": cfg.ppo.sample_every,
-        "prefs.num_prompts": cfg.prefs.num_prompts, "prefs.batch_size": cfg.prefs.batch_size,
-        "prefs.max_new_tokens": cfg.prefs.max_new_tokens, "reward.batch_size": cfg.reward.batch_size,
-        "reward.max_length": cfg.reward.max_length, "eval.batch_size": cfg.eval.batch_size,
-        "eval.max_new_tokens": cfg.eval.max_new_tokens, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
-        "reward.gradient_accumulation_steps": cfg.reward.gradient_accumulation_steps,
-        "ppo.kl_horizon": cfg.ppo.kl_horizon, "reward.lora_r": cfg.reward.lora_r, "ppo.lora_r": cfg.ppo.lora_r,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    for key, value in {"ppo.temperature": cfg.ppo.temperature, "prefs.temperature": cfg.prefs.temperature,
-                       "eval.temperature": cfg.eval.temperature, "reward.epochs": cfg.reward.epochs,
-                       "ppo.learning_rate": cfg.ppo.learning_rate,
-                       "reward.learning_rate": cfg.reward.learning_rate}.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
+    """Ranges (RANGES), non-empty strings, and the cross-field checks that types alone cannot express."""
+    for key, spec in RANGES.items():
+        value = get_value(cfg, key)
+        if value is not None and not in_range(value, spec):
+            raise ConfigError(f"{key} must be {spec if spec[0] in '<>' else 'in ' + spec}, got {value}")
+    for key in NON_EMPTY:
+        if not str(get_value(cfg, key)).strip():
+            raise ConfigError(f"{key} must not be empty")
+    for i, text in enumerate(cfg.ppo.stop_tokens):
+        if not text:
+            raise ConfigError(f"ppo.stop_tokens[{i}] is empty")
+    if cfg.eval.prompts is not None and not cfg.eval.prompts.strip():
+        raise ConfigError("eval.prompts must not be empty (leave it out to use data.test_prompts)")
     bon = cfg.eval.best_of_n
-    if any(n < 1 for n in bon) or any(a >= b for a, b in zip(bon, bon[1:])):
+    if any(n < 1 for n in bon) or any(x >= y for x, y in zip(bon, bon[1:])):
         raise ConfigError(f"eval.best_of_n must be positive and strictly increasing, got {bon}")
-    if cfg.prefs.responses_per_prompt < 2:
-        raise ConfigError(f"prefs.responses_per_prompt must be at least 2, got {cfg.prefs.responses_per_prompt}")
     if cfg.prefs.source == "load" and not cfg.prefs.dataset:
         raise ConfigError("prefs.dataset is required when prefs.source is 'load'")
-    if not 0.0 < cfg.prefs.test_fraction < 1.0:
-        raise ConfigError(f"prefs.test_fraction must be between 0 and 1, got {cfg.prefs.test_fraction}")
-    if not 0.0 <= cfg.prefs.noise.flip_rate <= 0.5:
-        raise ConfigError(f"prefs.noise.flip_rate must be in [0, 0.5], got {cfg.prefs.noise.flip_rate}")
-    if cfg.prefs.noise.bt_temperature < 0:
-        raise ConfigError(f"prefs.noise.bt_temperature must be >= 0, got {cfg.prefs.noise.bt_temperature}")
-    for key, value in {"ppo.gamma": cfg.ppo.gamma, "ppo.lam": cfg.ppo.lam}.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key} must be in [0, 1], got {value}")
-    if not 0 <= cfg.ppo.min_new_tokens <= cfg.ppo.max_new_tokens:
+    if cfg.prefs.source == "simulate" and not cfg.prefs.judge.strip():
+        raise ConfigError("prefs.judge is required when prefs.source is 'simulate' (it labels the pairs)")
+    if cfg.reward.use_margin and cfg.prefs.source != "load":
+        raise ConfigError("reward.use_margin needs pairs with a margin: set prefs.source=load with a dataset that "
+                          "has a margin column, or reward.use_margin=false")
+    if cfg.ppo.min_new_tokens > cfg.ppo.max_new_tokens:
         raise ConfigError(f"ppo.min_new_tokens must be in [0, ppo.max_new_tokens={cfg.ppo.max_new_tokens}], "
                           f"got {cfg.ppo.min_new_tokens}")
-    if cfg.ppo.kl_coef < 0:
-        raise ConfigError(f"ppo.kl_coef must be >= 0, got {cfg.ppo.kl_coef}")
     if cfg.ppo.critic_warmup_updates >= cfg.ppo.num_updates:
         raise ConfigError(
             f"ppo.critic_warmup_updates={cfg.ppo.critic_warmup_updates} leaves no policy updates "

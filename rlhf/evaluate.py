@@ -36,7 +36,7 @@ from rlhf.config import PipelineConfig, config_yaml
 from rlhf.eval_math import (METRICS, best_of_n_frontier, best_of_n_kl, best_of_n_log_n_at_kl,  # noqa: F401
                              best_of_n_picks, best_of_n_point, bon_gold_at_kl, bon_metrics, distinct_n, win_rate)
 from rlhf.stages import require_done
-from rlhf.utils import atomic_write_json, write_jsonl
+from rlhf.utils import TrainingFault, atomic_write_json, fault_context, warn, write_jsonl
 
 BON_SEED_OFFSET = 1_000_003  # seed of the best-of-n samples' random stream, apart from the eval answers'
 
@@ -169,6 +169,9 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
     judge = get_judge(cfg.prefs.judge) if cfg.prefs.judge else None
     for r in [ref, *measured.values()]:
         r["score"] = score_texts(rm, rm_tok, enc.prompts, r["texts"], cfg.reward.max_length).tolist()
+        if not all(math.isfinite(s) for s in r["score"]):
+            raise TrainingFault(f"the reward model in {reward_dir} gives non-finite scores; retrain it "
+                                f"(rlhf reward CONFIG --force)")
         r["gold"] = judge(r["texts"]) if judge else None
     bon = None
     if max_n:  # the best-of-n samples of each prompt: its eval answer, then the max_n - 1 more
@@ -205,16 +208,20 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
     prompts = load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
     from rlhf.models import load_causal_lm
-    from rlhf.ppo import policy_from_checkpoint
+    from rlhf.ppo import checkpoint_loads, policy_from_checkpoint
 
     policies = {}
     if cfg.eval.checkpoints:
         for ckpt in sorted((ppo_dir / "checkpoints").glob("step_*")):
             if int(ckpt.name.split("_")[1]) == cfg.ppo.num_updates:
                 continue  # the same weights as the final policy
+            if not checkpoint_loads(ckpt):
+                warn(f"checkpoint {ckpt} is damaged (its files do not load): not evaluated")
+                continue
             policies[ckpt.name] = lambda dtype, ckpt=ckpt: policy_from_checkpoint(cfg, ckpt, dtype)
     policies["final"] = lambda dtype: load_causal_lm(str(ppo_dir / "policy"), dtype, cfg.model.trust_remote_code)
-    results, bon = evaluate_policies(cfg, policies, reward_dir, prompts, device)
+    with fault_context("eval"):
+        results, bon = evaluate_policies(cfg, policies, reward_dir, prompts, device)
     frontier = best_of_n_frontier(bon, cfg.eval.best_of_n) if bon else None
     for m, _ in results.values():
         m.update(bon_metrics(frontier, m["kl"]) if frontier else {})

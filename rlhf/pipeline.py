@@ -20,6 +20,7 @@ from typing import Callable
 from rich.console import Console
 
 from rlhf.config import PipelineConfig, save_config
+from rlhf.preflight import preflight
 from rlhf.stages import (STAGES, marker_for, require_done, stage_identity, stage_records, why_not_done,
                          write_marker)
 from rlhf.utils import UserError, fsync_dir
@@ -98,13 +99,14 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
     for name in (only, start):
         if name is not None and name not in STAGES:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    run_dir = Path(cfg.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        recover(run_dir)
     selected = [only] if only else list(STAGES[STAGES.index(start):] if start else STAGES)
-    for stage in STAGES[: STAGES.index(selected[0])]:
+    run_dir = Path(cfg.run.output_dir)
+    if run_dir.is_dir() and is_main_process():
+        recover(run_dir)
+    for stage in STAGES[: STAGES.index(selected[0])]:  # before the up-front checks, which may load a tokenizer
         require_done(cfg, run_dir, stage, selected[0])
+    preflight(cfg, selected)  # everything the selected stages will read, before any expensive work
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     outputs: dict[str, Path] = {}
     for stage in selected:

@@ -25,7 +25,8 @@ from rlhf import ppo_core
 from rlhf.config import PipelineConfig, ppo_sizes
 from rlhf.rollout import PolicyAndValue, Rollout, collect_rollout
 from rlhf.stages import require_done, stage_identity
-from rlhf.utils import UserError, atomic_dir, atomic_write_json, read_jsonl
+from rlhf.utils import (TrainingFault, UserError, atomic_dir, atomic_write_json, check_weights, fault_context,
+                        read_jsonl, warn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +95,11 @@ def clip_gradients(accelerator, parameters, max_norm: float) -> torch.Tensor:
     return norm
 
 
+def diverged_hint(pc) -> str:
+    """The likely cause of a loss, gradient or weight gone non-finite or exploding in PPO."""
+    return f"ppo.learning_rate={pc.learning_rate:g} too high?"
+
+
 def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accelerator,
                train_policy: bool = True) -> dict[str, float]:
     """PPO epochs × mini-batches × gradient accumulation over one rollout (detail 7).
@@ -106,9 +112,10 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
     first, rollout.first_forward = rollout.first_forward, None  # (logits or None, values), rows in rollout order
     if first is not None and sizes.micro_batch_size < B:
         raise ValueError(f"a kept rollout forward needs one micro-batch per epoch ({sizes.micro_batch_size} < {B} rows)")
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B, device=qr.device)
         for start in range(0, B, sizes.local_mini_batch_size):
+            where = f"PPO epoch {epoch + 1}, mini-batch {start // sizes.local_mini_batch_size + 1}"
             mini = order[start:start + sizes.local_mini_batch_size]
             for micro_start in range(0, len(mini), sizes.micro_batch_size):
                 idx = mini[micro_start:micro_start + sizes.micro_batch_size]
@@ -127,12 +134,13 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                                                             mask, cfg.cliprange_value)
                     loss = (pg_loss if train_policy else 0.0) + cfg.vf_coef * vf_loss
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()})")
+                        raise TrainingFault(f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}) "
+                                            f"at {where}: {diverged_hint(cfg)}")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = clip_gradients(accelerator, model.parameters(), cfg.max_grad_norm)
                         if not torch.isfinite(torch.as_tensor(grad_norm)):
-                            raise FloatingPointError("non-finite gradient norm in the PPO update")
+                            raise TrainingFault(f"gradient norm is {float(grad_norm)} at {where}: {diverged_hint(cfg)}")
                         stats.setdefault("policy/grad_norm", []).append(float(grad_norm))
                     optimizer.step()
                     if accelerator.sync_gradients:  # one LR step per optimiser step, whatever the processes
@@ -249,6 +257,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
             parts.append((name, float(weight)))
         except ValueError:
             raise UserError(f"ppo.reward: bad weight in {item!r}") from None
+        if not name:
+            raise UserError(f"ppo.reward: empty term in {spec!r}")
     return parts
 
 
@@ -325,8 +335,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl) -> int:
     return int(state["update"])
 
 
+def checkpoint_loads(path: Path) -> bool:
+    """Whether a checkpoint's weight and optimiser files can be read back: their headers and sizes are those
+    of complete files (a file cut short by a crash or a full disk fails here, not halfway through resuming)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+            f.keys()
+        torch.load(path / "state.pt", weights_only=True, mmap=True, map_location="cpu")
+        return True
+    except Exception:  # SafetensorError, OSError, pickle and zip errors: all mean "does not load"
+        return False
+
+
 def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    """The newest complete checkpoint written with this config (atomic writes: complete or absent)."""
+    """The newest complete checkpoint written with this config whose files load; a damaged one is skipped
+    with a warning, for the one before it."""
     for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
         try:
             state = json.loads((path / "trainer_state.json").read_text())
@@ -334,7 +359,9 @@ def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
             continue
         if (isinstance(state, dict) and state.get("fingerprint") == fingerprint
                 and (path / "trainable.safetensors").is_file()):
-            return path
+            if checkpoint_loads(path):
+                return path
+            warn(f"checkpoint {path} is damaged (its files do not load): skipped")
     return None
 
 
@@ -466,7 +493,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         local = batch[accelerator.process_index * sizes.local_batch_size:][: sizes.local_batch_size].tolist()
         # 2. rollout, 3. advantages
         model.eval()
-        with accelerator.autocast():
+        with accelerator.autocast(), fault_context(f"ppo update {update + 1}"):
             rollout = collect_rollout(
                 model, ref_policy, [enc.prompts[i] for i in local], [enc.input_ids[i] for i in local], tokenizer,
                 score_fn, gold_fn, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, stop_ids=stop_ids,
@@ -477,8 +504,12 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         # 4. PPO update (value only during critic warm-up)
         model.train()
         t_train = time.perf_counter()
-        stats = ppo_update(model, optimizer, scheduler, rollout, pc, sizes, accelerator,
-                           train_policy=update >= pc.critic_warmup_updates)
+        with fault_context(f"ppo update {update + 1}"):
+            stats = ppo_update(model, optimizer, scheduler, rollout, pc, sizes, accelerator,
+                               train_policy=update >= pc.critic_warmup_updates)
+        # nothing is saved from diverged weights: checked after every update, the last included
+        check_weights([p for p in model.parameters() if p.requires_grad], f"ppo update {update + 1}",
+                      diverged_hint(pc), gather=accelerator.gather if accelerator.num_processes > 1 else None)
         if sampler is not None:
             sync_sampler(sampler, accelerator.unwrap_model(model).policy)
         model.eval()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,61 @@ def resolve_path(source: str) -> Path | None:
     return None
 
 
-def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local JSONL/JSON/CSV/Parquet/TXT file or of a hub dataset split."""
-    import datasets
+def read_text(path: Path) -> str:
+    """A local file's text; a file that cannot be read or is not UTF-8 is a UserError naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
+
+def parse_json_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    """Rows of a JSON list of objects or of JSON lines (one object per line, whatever the suffix);
+    a line that does not parse is named by its number."""
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        lines = None
+    else:
+        rows, lines = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); "
+                                f"fix or remove the line") from None
+            lines.append(number)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            where = f"line {lines[i]}" if lines is not None else f"item {i + 1}"
+            raise UserError(f"{path}: {where} is a {type(row).__name__}, not an object of named columns")
+    return rows
+
+
+def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local JSONL/JSON/CSV/Parquet/TXT file or of a hub dataset split. A local file that is
+    empty, not UTF-8 or not valid JSON is a UserError naming the file (and the line)."""
     path = resolve_path(source)
     if path is not None:
         kind = FILE_KINDS.get(path.suffix.lower())
         if kind is None:
             raise UserError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(FILE_KINDS)})")
+        text = read_text(path) if kind != "parquet" else None
+        if text is not None and not text.strip():
+            raise UserError(f"{path} is empty")
         if kind == "text":
-            return [{"text": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+            return [{"text": line.strip()} for line in text.splitlines() if line.strip()]
+        if kind == "json":
+            return parse_json_rows(path, text)
+        import datasets
+
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as e:
@@ -43,6 +88,8 @@ def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
         return ds.to_list()
     if source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_KINDS:
         raise UserError(f"prompt or data file not found: {source}")
+    import datasets
+
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:
@@ -58,7 +105,7 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train", limi
     prompts = []
     for i, row in enumerate(rows):
         if column not in row:
-            raise UserError(f"{source}: row {i} has no column {column!r} (columns: {', '.join(row)}); "
+            raise UserError(f"{source}: row {i + 1} has no column {column!r} (columns: {', '.join(row)}); "
                             f"set data.prompt_column")
         value = row[column]
         if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value) and value:
@@ -68,7 +115,7 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train", limi
         elif isinstance(value, str) and value.strip():
             prompts.append(value.strip())
         else:
-            raise UserError(f"{source}: row {i} column {column!r} is not a prompt string or a list of messages")
+            raise UserError(f"{source}: row {i + 1} column {column!r} is not a prompt string or a list of messages")
     if not prompts:
         raise UserError(f"{source}: no prompts found")
     return prompts[:limit] if limit > 0 else prompts

@@ -16,6 +16,7 @@ from torch import nn
 
 from rlhf.generation import decode_responses, left_pad, sample, unwrap
 from rlhf.ppo_core import logprobs_from_logits
+from rlhf.utils import TrainingFault
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -227,7 +228,10 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
         scores = scores.clamp(-score_clip, score_clip)
     gold = torch.tensor(gold_fn(texts), device=device) if gold_fn is not None else None
     timings["score"] = time.perf_counter() - t0
-    if not torch.isfinite(scores).all():
-        raise FloatingPointError(f"non-finite reward scores: {scores.tolist()}")
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise TrainingFault(f"non-finite reward scores for {len(bad)} of {len(texts)} responses (e.g. "
+                            f"{scores[bad[0]].item()} for {texts[bad[0]][:60]!r}): a reward model trained to NaN, "
+                            f"or a reward function (ppo.reward) that returns NaN or inf?")
     return Rollout(prompts, queries, query_mask, responses, response_mask, logprobs, ref_logprobs, values, scores,
                    texts, gold=gold, has_stop=has_stop, timings=timings, first_forward=first_forward)

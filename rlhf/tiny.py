@@ -68,7 +68,15 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, hi
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if k != "vocab_size"})
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for a 1 MB local write is noise (and breaks one-line errors)
+    try:
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return out_dir

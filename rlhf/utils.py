@@ -1,13 +1,15 @@
-"""Small shared utilities: user errors, atomic writes, JSONL, fingerprints, seeding."""
+"""Small shared utilities: user errors and training faults, durable atomic writes, JSONL, fingerprints, seeding."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -36,6 +38,45 @@ def rlhf_command() -> str:
         return "rlhf"
     python = os.path.relpath(sys.executable)
     return f"{shlex.quote(sys.executable if python.startswith('..') else python)} -m rlhf.cli"
+
+
+class TrainingFault(FloatingPointError):
+    """A numerical fault that stops a stage before it saves anything: a non-finite score, loss, gradient or
+    weight, or weights that exploded. The CLI prints it as one line and exits 3."""
+
+
+@contextlib.contextmanager
+def fault_context(where: str) -> Iterator[None]:
+    """Prefix the message of a TrainingFault raised inside with `where`, e.g. the PPO update it stopped."""
+    try:
+        yield
+    except TrainingFault as e:
+        raise TrainingFault(f"{where}: {e}") from e
+
+
+def warn(message: str) -> None:
+    """One line on stderr about something recovered from (a damaged checkpoint skipped, a torn log line)."""
+    print(f"rlhf: warning: {message}", file=sys.stderr)
+
+
+def check_weights(parameters: Iterable[Any], where: str, hint: str, limit: float = 1e4, gather=None) -> None:
+    """Raise a TrainingFault when a weight is not finite or larger than `limit` in magnitude.
+
+    Trained LM weights are O(1); one at 1e4 means the optimiser diverged (a learning rate of 1e30 takes every
+    weight to ~1e30 in one Adam step, still finite in fp32). `gather` maps this process's largest magnitude to
+    every process's (distributed runs), so all of them stop together."""
+    import torch
+
+    with torch.no_grad():
+        norms = [torch.linalg.vector_norm(p.detach().float(), float("inf")) for p in parameters if p.numel()]
+        worst = torch.stack(norms).max() if norms else torch.zeros(())
+        if gather is not None:
+            worst = gather(worst.reshape(1)).max()
+        worst = worst.item()
+    if not math.isfinite(worst):
+        raise TrainingFault(f"{where}: weights are {worst} (not finite): {hint}")
+    if worst > limit:
+        raise TrainingFault(f"{where}: weights exploded (largest |w| = {worst:.3g} > {limit:g}): {hint}")
 
 
 def keep_freed_memory() -> bool:
@@ -67,8 +108,35 @@ def _umask() -> int:
     return mask
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder; the rename is then as durable as they allow
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, so that a rename of `root` never exposes unwritten data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half of it."""
+    """Write `text` to `path` so that readers see the old file or the new one, never half of it, even after
+    a power cut: the file is fsynced before the rename and its folder after."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -79,24 +147,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of a folder (a rename into it) durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -108,23 +163,35 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file the project wrote. A last line that does not parse is a write cut short (a
+    kill, a power cut): it is dropped with a warning. Any other bad line is a UserError naming the line."""
+    lines = Path(path).read_bytes().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+    for i, line in enumerate(lines[: last + 1]):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line.decode("utf-8")))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            if i == last:
+                warn(f"{path}: dropped its last line {i + 1}, cut short by an interrupted write")
+                break
+            raise UserError(f"{path}:{i + 1}: not valid JSON ({e}); fix or remove that line") from None
     return rows
 
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary folder next to `final`; on success it replaces `final` in one rename, after its files
+    are fsynced (and the parent folder after the rename), so a renamed folder never holds half-written files."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        fsync_tree(tmp)  # the contents are on disk before the rename makes them visible
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -133,6 +200,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -125,8 +125,10 @@ def test_only_and_from_are_exclusive(default_yaml):
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
 
 
-def test_stage_needing_earlier_stage_is_user_error(default_yaml, tmp_path):
-    proc = rlhf("ppo", default_yaml, f"run.output_dir={tmp_path / 'run'}")
+def test_stage_needing_earlier_stage_is_user_error(tmp_path):
+    # the tiny model: the up-front checks load the policy's tokenizer, which for the embedded default means
+    # converting it once (minutes in this test's empty model cache)
+    proc = rlhf("ppo", PROJECT_ROOT / "configs" / "tiny.yaml", f"run.output_dir={tmp_path / 'run'}")
     assert_user_error(proc, "prefs", "has not finished")
 
 

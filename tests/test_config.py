@@ -8,9 +8,11 @@ import pytest
 import yaml
 
 from rlhf.config import (
+    RANGES,
     ConfigError,
     PipelineConfig,
     PPOConfig,
+    in_range,
     load_config,
     parse_override,
     ppo_sizes,
@@ -310,6 +312,101 @@ def test_config_file_not_found(tmp_path):
         load_config(missing)
     msg = one_line(e)
     assert "not found" in msg and str(missing) in msg
+
+
+def test_non_utf8_config_file_is_one_line(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"ppo:\n  kl_coef: 0.1  # caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in one_line(e) and "not UTF-8" in one_line(e)
+
+
+def test_output_dir_expands_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(None, ["run.output_dir=~/runs/x"]).run.output_dir == str(tmp_path / "runs" / "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# ranges
+
+
+def numeric_fields(cls=PipelineConfig, prefix=""):
+    """Dotted names of every int or float field (optional ones included) of the schema."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, key + ".")
+        elif {int, float} & set(typing.get_args(tp) or (tp,)):
+            yield key
+
+
+def test_every_numeric_field_has_a_range():
+    fields = set(numeric_fields())
+    assert len(fields) > 50
+    assert fields - set(RANGES) == set()
+    assert set(RANGES) - fields == set()  # no stale entries
+
+
+def test_defaults_are_in_range():
+    cfg = PipelineConfig()
+    for key, spec in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value is None or in_range(value, spec), key
+
+
+@pytest.mark.parametrize("value, spec, inside", [
+    (0, "> 0", False), (1e-9, "> 0", True), (0, ">= 0", True), (-1, ">= 0", False), (1, ">= 2", False),
+    (0.5, "[0, 0.5]", True), (0.51, "[0, 0.5]", False), (0, "(0, 1)", False), (1, "(0, 1)", False),
+    (0.99, "(0, 1)", True), (1, "[0, 1]", True),
+])
+def test_in_range(value, spec, inside):
+    assert in_range(value, spec) is inside
+
+
+# Each value a careful user might try that would otherwise train silently wrong or fail late: the key is named.
+@pytest.mark.parametrize("override", [
+    "ppo.max_grad_norm=-1", "ppo.max_grad_norm=0", "ppo.cliprange=0", "ppo.cliprange=1.5", "ppo.cliprange_value=0",
+    "ppo.vf_coef=-0.1", "ppo.target_kl=0", "ppo.kl_horizon=0", "eval.bootstrap_samples=0", "ppo.learning_rate=0",
+    "ppo.learning_rate=-3e-5", "reward.learning_rate=-1", "ppo.warmup_steps=-1", "ppo.score_clip=0",
+    "ppo.missing_eos_penalty=-1", "ppo.lora_alpha=0", "reward.num_layers=-1", "reward.normalize_samples=0",
+    "reward.center_rewards_coefficient=-0.1", "run.seed=-1", "run.threads=-2", "data.max_train_prompts=-5",
+    "eval.num_prompts=-1", "prefs.min_gold_gap=-0.5", "prefs.max_pairs=-1", "prefs.noise.bt_temperature=-0.001",
+    "prefs.test_fraction=0", "ppo.gamma=-0.1", "ppo.critic_warmup_updates=-1", "ppo.keep_checkpoints=0",
+])
+def test_range_table_rejects(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = one_line(e)
+    assert msg.startswith(key + " must be") and RANGES[key].split()[-1] in msg
+
+
+@pytest.mark.parametrize("override", ["prefs.noise.bt_temperature=0.001", "ppo.vf_coef=0", "ppo.kl_coef=0",
+                                      "prefs.noise.flip_rate=0.5", "ppo.gamma=1", "ppo.missing_eos_penalty=0",
+                                      "ppo.learning_rate=1e30", "eval.num_prompts=0", "ppo.cliprange_value=10"])
+def test_range_table_accepts_the_edges(override):
+    load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, words", [
+    (["run.output_dir="], "run.output_dir must not be empty"),
+    (["model.policy=' '"], "model.policy must not be empty"),
+    (["ppo.reward="], "ppo.reward must not be empty"),
+    (["ppo.stop_tokens=['']"], "ppo.stop_tokens[0] is empty"),
+    (["eval.prompts="], "eval.prompts must not be empty"),
+    (["prefs.judge="], "prefs.judge is required"),
+    (["reward.use_margin=true"], "reward.use_margin needs pairs with a margin"),
+])
+def test_cross_field_and_empty_values(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert words in one_line(e)
 
 
 def test_config_error_is_value_error():

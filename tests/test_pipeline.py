@@ -47,6 +47,7 @@ class FakeStages:
 def fake(monkeypatch):
     stages = FakeStages()
     monkeypatch.setattr(pipeline, "stage_function", stages)
+    monkeypatch.setattr(pipeline, "preflight", lambda cfg, stages: None)  # the fake stages read no inputs
     return stages
 
 

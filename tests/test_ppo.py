@@ -20,7 +20,7 @@ from rlhf import ppo_core
 from rlhf.config import load_config
 from rlhf.pipeline import run_pipeline, work_dir
 from rlhf.stages import MARKER, is_done, stage_identity
-from rlhf.utils import read_jsonl
+from rlhf.utils import TrainingFault, read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY = PROJECT_ROOT / "configs" / "tiny.yaml"
@@ -183,7 +183,7 @@ def test_non_finite_reward_stops_the_stage(upstream, tmp_path, monkeypatch):
     monkeypatch.setattr(ppo, "build_score_fn", nan_score_fn)
     run_dir = copy_upstream(upstream, tmp_path / "run")
     cfg = tiny_cfg(run_dir, "ppo.num_updates=2")
-    with pytest.raises(FloatingPointError, match="non-finite reward"):
+    with pytest.raises(TrainingFault, match="ppo update 1: non-finite reward scores for 32 of 32 responses"):
         run_pipeline(cfg, only="ppo")
     assert not (run_dir / "ppo" / MARKER).exists()
 
@@ -272,10 +272,13 @@ def write_checkpoint(path: Path, fingerprint: str | None, weights: bool = True, 
         (path / "trainer_state.json").write_text(json.dumps({"update": int(path.name.split("_")[-1].split(".")[0]),
                                                              "fingerprint": fingerprint}))
     if weights:
-        (path / "trainable.safetensors").write_bytes(b"x")
+        from safetensors.torch import save_file
+
+        save_file({"policy.w": torch.zeros(2)}, str(path / "trainable.safetensors"))
+        torch.save({"optimizer": {}}, path / "state.pt")
 
 
-def test_latest_checkpoint_skips_incomplete_and_foreign(tmp_path):
+def test_latest_checkpoint_skips_incomplete_damaged_and_foreign(tmp_path, capsys):
     ckpts = tmp_path / "checkpoints"
     assert ppo.latest_checkpoint(ckpts, "fp") is None  # no folder at all
     write_checkpoint(ckpts / "step_00003", "fp")
@@ -288,7 +291,14 @@ def test_latest_checkpoint_skips_incomplete_and_foreign(tmp_path):
     write_checkpoint(ckpts / ".step_00010.tmp", "fp")  # an unfinished atomic write
     write_checkpoint(ckpts / ".step_00011.old", "fp")  # the leftover of a replaced folder
     (ckpts / "step_00012").write_text("a file, not a folder")
+    write_checkpoint(ckpts / "step_00013", "fp")
+    with open(ckpts / "step_00013" / "trainable.safetensors", "r+b") as f:  # cut short by a crash
+        f.truncate(f.seek(0, 2) // 2)
+    write_checkpoint(ckpts / "step_00014", "fp")
+    (ckpts / "step_00014" / "state.pt").write_bytes(b"")  # an optimiser state that was never written
     assert ppo.latest_checkpoint(ckpts, "fp") == ckpts / "step_00004"
+    warnings = capsys.readouterr().err
+    assert "step_00013 is damaged" in warnings and "step_00014 is damaged" in warnings
     assert ppo.latest_checkpoint(ckpts, "other") == ckpts / "step_00005"
     assert ppo.latest_checkpoint(ckpts, "nope") is None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reward_models.data import label_pairs, load_pairs, normalize_pair, simulate_pairs, split_by_prompt, \
+from reward_models.data import label_pairs, load_pairs, normalize_pair, sigmoid, simulate_pairs, split_by_prompt, \
     split_implicit_prompt
 from reward_models.judges import get_judge
 from rlhf.config import load_config
@@ -174,6 +174,14 @@ def test_label_pairs_bradley_terry():
     assert hot["label_gold_agreement"] == pytest.approx(0.5, abs=0.05)
     _, warm = label_pairs(prompts, responses, gold, 0.3, 0.0, 0.0, random.Random(2))
     assert 0.6 < warm["label_gold_agreement"] < 0.95  # noisy, but better than chance
+
+
+def test_label_pairs_tiny_temperature_does_not_overflow():
+    # gold gaps of ~2 at T=0.001 put e^(2000) in a naive sigmoid: an OverflowError after all the sampling
+    prompts, responses, gold = synthetic(100)
+    pairs, stats = label_pairs(prompts, responses, gold, 1e-3, 0.0, 0.0, random.Random(3))
+    assert len(pairs) == 300 and stats["label_gold_agreement"] == pytest.approx(1.0, abs=0.02)
+    assert sigmoid(-1e6) == 0.0 and sigmoid(1e6) == 1.0 and sigmoid(0.0) == 0.5
 
 
 def test_label_pairs_is_seeded():

@@ -91,21 +91,21 @@ def test_missing_column_names_column(tmp_path):
 
 def test_bad_row_names_row(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": "   "}])
-    with pytest.raises(UserError, match="row 1"):
+    with pytest.raises(UserError, match="row 2 "):  # counted from 1, as lines are
         load_prompts(path)
 
 
 def test_empty_txt_file(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("\n\n")
-    with pytest.raises(UserError, match="no prompts"):
+    with pytest.raises(UserError, match="empty.txt is empty"):
         load_prompts(str(path))
 
 
 def test_empty_jsonl_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="empty.jsonl is empty"):
         load_prompts(str(path))
 
 
@@ -116,10 +116,37 @@ def test_csv_with_header_only(tmp_path):
         load_prompts(str(path))
 
 
-def test_malformed_jsonl(tmp_path):
+def test_malformed_jsonl_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "a"\n')
-    with pytest.raises(UserError, match="cannot read as json"):
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n{"prompt": "c"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:3: not valid JSON"):
+        load_prompts(str(path))
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n["b"]\n')
+    with pytest.raises(UserError, match="line 2 is a list"):
+        load_prompts(str(path))
+
+
+def test_json_list_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n{"prompt": "a"},\n{"prompt" "b"}\n]')
+    with pytest.raises(UserError, match=r"bad.json:3: not valid JSON"):
+        load_prompts(str(path))
+
+
+def test_json_file_holding_json_lines(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert load_prompts(str(path)) == ["a", "b"]
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"latin.jsonl:2: not UTF-8"):
         load_prompts(str(path))
 
 
@@ -220,7 +247,8 @@ def test_encode_system_prompt(tok):
 def test_vader_positive_beats_negative():
     pos, neg, neutral = vader(["What a lovely, wonderful day! I love it.", "This is awful, I hate it.", "the car"])
     assert pos > 0.5 and neg < -0.5 and pos > neutral > neg
-    assert get_judge("vader") is vader
+    texts = ["What a lovely day", "awful"]
+    assert get_judge("vader")(texts) == vader(texts)
 
 
 def test_length_counts_words():
@@ -249,3 +277,59 @@ def test_unknown_judge(name):
     with pytest.raises(UserError) as e:
         get_judge(name)
     assert repr(name) in str(e.value)
+
+
+@pytest.fixture
+def judge_module(tmp_path, monkeypatch):
+    """A folder on sys.path where a test writes judge modules (removed from sys.modules afterwards)."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(source)
+        return name
+
+    yield write
+    for name in set(sys.modules) - before:
+        if name.startswith("rlhf_test_judge"):
+            del sys.modules[name]
+
+
+def test_module_judge_returning_nan_is_a_training_fault(judge_module):
+    from rlhf.utils import TrainingFault
+
+    judge_module("rlhf_test_judge_nan", "def score(text):\n    return float('nan') if 'x' in text else 1.0\n")
+    judge = get_judge("rlhf_test_judge_nan:score")
+    assert judge(["a", "b"]) == [1.0, 1.0]
+    with pytest.raises(TrainingFault, match=r"'rlhf_test_judge_nan:score' returned nan for 2 of 3 responses"):
+        judge(["a", "x", "xx"])
+
+
+def test_builtin_judges_are_checked_too(monkeypatch):
+    from reward_models import judges
+    from rlhf.utils import TrainingFault
+
+    monkeypatch.setitem(judges.JUDGES, "length", lambda texts: [float("inf")] * len(texts))
+    with pytest.raises(TrainingFault, match="inf"):
+        get_judge("length")(["a"])
+
+
+@pytest.mark.parametrize("source, attr, message", [
+    ("def score(:\n    pass\n", "score", "SyntaxError"),
+    ("raise RuntimeError('needs a GPU')\n", "score", "RuntimeError: needs a GPU"),
+    ("SCORE = 3\n", "SCORE", "not a function of the text"),
+])
+def test_module_judge_that_does_not_import_is_a_user_error(judge_module, source, attr, message):
+    name = judge_module(f"rlhf_test_judge_{attr.lower()}_{abs(hash(source)) % 1000}", source)
+    with pytest.raises(UserError, match=message):
+        get_judge(f"{name}:{attr}")
+
+
+@pytest.mark.parametrize("body, message", [("return 'high'", "must return a number"),
+                                           ("raise KeyError('k')", "raised KeyError")])
+def test_module_judge_failing_on_a_text_is_a_user_error(judge_module, body, message):
+    name = judge_module(f"rlhf_test_judge_body_{abs(hash(body)) % 1000}", f"def score(text):\n    {body}\n")
+    with pytest.raises(UserError, match=message):
+        get_judge(f"{name}:score")(["some text"])
