@@ -81,7 +81,7 @@ CASES = [
     case("data.prompt_column=question", needles=["no column 'question'"]),
     case("data.test_prompts={d}/missing.jsonl", needles=["data.test_prompts", "not found"]),
     case("eval.prompts={d}/missing.jsonl", needles=["eval.prompts", "not found"]),
-    case("eval.prompts={d}/empty.jsonl", stage="eval", needles=["eval.prompts", "is empty"]),
+    case("eval.prompts={d}/empty.jsonl", needles=["eval.prompts", "is empty"]),
     # judges and rewards
     case("prefs.judge=sentiment", needles=["prefs.judge", "unknown judge 'sentiment'"]),
     case("prefs.judge=rlhf_no_such_module:score", needles=["prefs.judge", "No module named"]),
@@ -89,7 +89,7 @@ CASES = [
     case("prefs.judge=rlhf_bad_judge_const:SCORE", needles=["prefs.judge", "not a function"]),
     case("prefs.judge=rlhf_bad_judge_raises:score", needles=["needs the package vadersentiment2"]),
     case("ppo.reward=rlhf_no_such_module:score", needles=["ppo.reward", "No module named"]),
-    case("ppo.reward=rlhf_no_such_module:score", stage="ppo", needles=["ppo.reward"]),
+    case("ppo.reward=rlhf_no_such_module:score", stage="ppo", needles=["needs the prefs stage", "prefs CONFIG"]),
     case("ppo.reward=rm:1.0,", needles=["ppo.reward", "empty term"]),
     # models and tokenization
     case("model.policy={d}/no_config_model", needles=["model.policy", "has no config.json"]),
@@ -99,7 +99,7 @@ CASES = [
     case("data.long_prompts=drop", "data.max_prompt_tokens=8", needles=["all 629 prompts are longer"]),
     case("data.long_prompts=drop", "data.max_prompt_tokens=14",
          needles=["ppo.batch_size=32 is more than the 16 training prompts", "dropped by data.long_prompts=drop"]),
-    case("data.max_train_prompts=20", stage="ppo", needles=["ppo.batch_size=32 is more than the 20 training prompts"]),
+    case("data.max_train_prompts=20", needles=["ppo.batch_size=32 is more than the 20 training prompts"]),
     # preference datasets
     case("prefs.source=load", "prefs.dataset={d}/pairs_malformed.jsonl", needles=["pairs_malformed.jsonl:2"]),
     case("prefs.source=load", "prefs.dataset={d}/pairs_same.jsonl", needles=["no usable preference pairs"]),

@@ -340,7 +340,7 @@ def numeric_fields(cls=PipelineConfig, prefix=""):
         tp, key = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
             yield from numeric_fields(tp, key + ".")
-        elif {int, float} & set(typing.get_args(tp) or (tp,)):
+        elif typing.get_origin(tp) is not list and {int, float} & set(typing.get_args(tp) or (tp,)):  # lists: own checks
             yield key
 
 
