@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 import rlhf.ppo as ppo
 from rlhf.config import load_config
-from rlhf.pipeline import MARKER, is_done, run_pipeline
+from rlhf.pipeline import run_pipeline, work_dir
+from rlhf.stages import MARKER, is_done
 from rlhf.utils import TrainingFault, UserError, atomic_dir, atomic_write_text, check_weights, read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +73,7 @@ def assert_ppo_saved_nothing(run_dir: Path) -> None:
     out = run_dir / "ppo"
     assert not (out / MARKER).exists() and not (out / "policy").exists()
     assert not list(out.glob("checkpoints/step_*"))
+    assert not list(run_dir.glob(".partial/ppo-*/checkpoints/step_*"))  # nor in the unfinished work
 
 
 def sane_ppo_works(run_dir: Path) -> None:
@@ -204,11 +206,12 @@ def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(upstream, tmp_pat
     with pytest.raises(Killed):
         run_pipeline(cfg, only="ppo")
     monkeypatch.setattr(ppo, "ppo_update", real_update)
-    ckpts = dir_b / "ppo" / "checkpoints"
+    work = work_dir(cfg, dir_b, "ppo")  # the killed run's work folder, which the same command resumes
+    ckpts = work / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00001", "step_00002"]
     weights = ckpts / "step_00002" / "trainable.safetensors"  # the newest checkpoint, cut in half
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with open(dir_b / "ppo" / "metrics.jsonl", "a") as f:  # a log line cut short
+    with open(work / "metrics.jsonl", "a") as f:  # a log line cut short
         f.write('{"step": 3, "objective/kl": 0.0')
     capsys.readouterr()
 
