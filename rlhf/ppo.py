@@ -469,7 +469,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
             sync_sampler(sampler, accelerator.unwrap_model(model).policy)
         accelerator.print(f"resuming PPO from {ckpt} (update {start}/{pc.num_updates})")
     else:
-        for stale in ("metrics.jsonl", "samples.jsonl"):
+        for stale in ("metrics.jsonl", "samples.jsonl", "wandb_run_id"):  # a start from scratch: a new W&B run too
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
