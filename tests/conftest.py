@@ -6,6 +6,7 @@ for the slow test, which uses the `real_cache` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -94,3 +95,33 @@ def tiny_run(isolated_env, tmp_path_factory) -> TinyRun:
 @pytest.fixture(scope="session")
 def tiny_run_dir(tiny_run) -> Path:
     return tiny_run.run_dir
+
+
+class KilledRun(Exception):
+    """Raised in place of a PPO update, as a kill would stop the run there."""
+
+
+@pytest.fixture
+def killed_at_update(monkeypatch):
+    """`with killed_at_update(n): run_pipeline(...)`: the n-th PPO update of the block raises KilledRun (the
+    block expects it), and the real update is back after the block."""
+    import rlhf.ppo as ppo
+
+    @contextlib.contextmanager
+    def kill(n: int):
+        real_update, calls = ppo.ppo_update, []
+
+        def dies(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KilledRun()
+            return real_update(*args, **kwargs)
+
+        monkeypatch.setattr(ppo, "ppo_update", dies)
+        try:
+            with pytest.raises(KilledRun):
+                yield
+        finally:
+            monkeypatch.setattr(ppo, "ppo_update", real_update)
+
+    return kill

@@ -182,11 +182,8 @@ def test_reward_model_that_cannot_be_normalised(copy, monkeypatch):
 # damaged state
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(upstream, tmp_path, monkeypatch, capsys):
+def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(upstream, tmp_path, monkeypatch, capsys,
+                                                                 killed_at_update):
     overrides = [JUDGE, "ppo.num_updates=3", "ppo.save_every=1", "ppo.sample_every=1", "ppo.batch_size=16",
                  "ppo.mini_batch_size=8"]
     dir_a = Path(shutil.copytree(upstream, tmp_path / "a"))
@@ -194,18 +191,8 @@ def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(upstream, tmp_pat
 
     dir_b = Path(shutil.copytree(upstream, tmp_path / "b"))
     cfg = tiny_cfg(dir_b, *overrides)
-    real_update, calls = ppo.ppo_update, []
-
-    def dies_on_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Killed()
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", dies_on_third)
-    with pytest.raises(Killed):
+    with killed_at_update(3):
         run_pipeline(cfg, only="ppo")
-    monkeypatch.setattr(ppo, "ppo_update", real_update)
     work = work_dir(cfg, dir_b, "ppo")  # the killed run's work folder, which the same command resumes
     ckpts = work / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00001", "step_00002"]

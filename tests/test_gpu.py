@@ -70,14 +70,9 @@ def test_tiny_pipeline_in_bf16_on_cuda(tmp_path):
     AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "policy")  # a plain HF folder, loadable anywhere
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_on_cuda_reaches_the_same_result(tmp_path, monkeypatch):
+def test_resume_on_cuda_reaches_the_same_result(tmp_path, killed_at_update):
     """A PPO run killed after its step-3 checkpoint and restarted matches the uninterrupted run: the CUDA
     RNG (sampling) is saved and restored with the CPU one."""
-    import rlhf.ppo as ppo
     from rlhf.pipeline import run_pipeline
     from rlhf.utils import read_jsonl
 
@@ -92,18 +87,8 @@ def test_resume_on_cuda_reaches_the_same_result(tmp_path, monkeypatch):
     shutil.copytree(up, dir_b)
     run_pipeline(tiny_cfg(dir_a, *overrides), only="ppo")
 
-    real_update, calls = ppo.ppo_update, []
-
-    def dies_on_fifth(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise Killed()
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", dies_on_fifth)
-    with pytest.raises(Killed):
+    with killed_at_update(5):
         run_pipeline(tiny_cfg(dir_b, *overrides), only="ppo")
-    monkeypatch.setattr(ppo, "ppo_update", real_update)
     run_pipeline(tiny_cfg(dir_b, *overrides), only="ppo")
 
     rows_a = read_jsonl(dir_a / "ppo" / "metrics.jsonl")

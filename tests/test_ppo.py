@@ -192,28 +192,14 @@ def test_non_finite_reward_stops_the_stage(upstream, tmp_path, monkeypatch):
 # resume
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_reaches_the_same_result(upstream, tmp_path, monkeypatch):
+def test_resume_reaches_the_same_result(upstream, tmp_path, monkeypatch, killed_at_update):
     overrides = [JUDGE, "ppo.num_updates=6", "ppo.save_every=3", "ppo.sample_every=2"]
     _, dir_a = ppo_run(upstream, tmp_path / "a", *overrides)
 
     dir_b = copy_upstream(upstream, tmp_path / "b")
     cfg_b = tiny_cfg(dir_b, *overrides)
-    real_update, calls = ppo.ppo_update, []
-
-    def dies_on_fifth(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # update 5: after the step-3 checkpoint and update 4's logs
-            raise Killed()
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", dies_on_fifth)
-    with pytest.raises(Killed):
+    with killed_at_update(5):  # update 5: after the step-3 checkpoint and update 4's logs
         run_pipeline(cfg_b, only="ppo")
-    monkeypatch.setattr(ppo, "ppo_update", real_update)
     work = work_dir(cfg_b, dir_b, "ppo")  # the unfinished stage's folder; dir_b/ppo does not exist yet
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step_00003"]
     assert [r["step"] for r in read_jsonl(work / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -50,10 +50,6 @@ def tree_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-class Killed(Exception):
-    pass
-
-
 def test_force_recomputes_every_stage_and_replaces_its_logs(finished, tmp_path, monkeypatch):
     """`rlhf run --force` on a finished run: PPO does every update again instead of resuming its final
     checkpoint, each stage's logs hold this execution's rows only, and the results are the same."""
@@ -81,21 +77,12 @@ def test_forcing_ppo_alone_makes_eval_stale(finished, tmp_path):
     assert is_done(cfg, run_dir, "ppo") and not is_done(cfg, run_dir, "eval")
 
 
-def test_a_setting_of_no_effect_does_not_stop_a_killed_ppo_run_from_resuming(finished, tmp_path, monkeypatch):
+def test_a_setting_of_no_effect_does_not_stop_a_killed_ppo_run_from_resuming(finished, tmp_path, monkeypatch,
+                                                                              killed_at_update):
     run_dir = copy_of(finished, tmp_path / "run")
     cfg = cfg_for(run_dir, "ppo.kl_coef=0.1")  # a new PPO run, killed after its step-3 checkpoint
-    real_update, calls = ppo.ppo_update, []
-
-    def dies_on_fifth(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise Killed()
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo, "ppo_update", dies_on_fifth)
-    with pytest.raises(Killed):
+    with killed_at_update(5):
         run_pipeline(cfg)
-    monkeypatch.setattr(ppo, "ppo_update", real_update)
     loaded = []
     real_load = ppo.load_checkpoint
     monkeypatch.setattr(ppo, "load_checkpoint", lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
