@@ -101,3 +101,25 @@ def get_judge(name: str) -> Judge:
     if ":" in name and not name.startswith("keyword:"):
         return checked(name, _from_import(name))
     raise UserError(f"unknown judge {name!r}: use vader, length, keyword:WORD or module:function")
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """`rm`, `vader`, or `rm:1.0,vader:0.5` -> [(name, weight), ...]."""
+    parts = []
+    for item in spec.split(","):
+        name, _, weight = item.strip().rpartition(":") if item.count(":") and _is_number(item.rsplit(":", 1)[1]) \
+            else (item.strip(), "", "1")
+        try:
+            parts.append((name, float(weight)))
+        except ValueError:
+            raise UserError(f"ppo.reward: bad weight in {item!r}") from None
+        if not name:
+            raise UserError(f"ppo.reward: empty term in {spec!r}")
+    return parts
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

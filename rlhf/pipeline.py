@@ -21,8 +21,7 @@ from rich.console import Console
 
 from rlhf.config import PipelineConfig, save_config
 from rlhf.preflight import preflight
-from rlhf.stages import (STAGES, marker_for, require_done, stage_identity, stage_records, why_not_done,
-                         write_marker)
+from rlhf.stages import STAGES, marker_for, require_done, stage_identity, why_not_done, write_marker
 from rlhf.utils import UserError, fsync_dir
 
 PARTIAL = ".partial"
@@ -111,7 +110,7 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
     outputs: dict[str, Path] = {}
     for stage in selected:
         forced = force or (start is not None and stage == start)
-        why = why_not_done(cfg, run_dir, stage, stage_records(cfg, run_dir))
+        why = why_not_done(cfg, run_dir, stage)
         if why is None and not forced:
             console.print(f"[green]✓[/green] {stage}: done with this config, skipped ({run_dir / stage})")
             outputs[stage] = run_dir / stage

@@ -12,7 +12,6 @@ command resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -25,6 +24,7 @@ from rlhf import ppo_core
 from rlhf.config import PipelineConfig, ppo_sizes
 from rlhf.rollout import PolicyAndValue, Rollout, collect_rollout
 from rlhf.stages import require_done, stage_identity
+from reward_models.judges import parse_reward_spec
 from rlhf.utils import (TrainingFault, UserError, atomic_dir, atomic_write_json, check_weights, fault_context,
                         read_jsonl, warn)
 
@@ -245,28 +245,6 @@ def sync_sampler(sampler, policy) -> None:
             delta = module.get_delta_weight(module.active_adapter[0] if isinstance(module.active_adapter, list)
                                             else module.active_adapter)
             target.weight.copy_(module.base_layer.weight.float() + delta.float())
-
-
-def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """`rm`, `vader`, or `rm:1.0,vader:0.5` -> [(name, weight), ...]."""
-    parts = []
-    for item in spec.split(","):
-        name, _, weight = item.strip().rpartition(":") if item.count(":") and _is_number(item.rsplit(":", 1)[1]) \
-            else (item.strip(), "", "1")
-        try:
-            parts.append((name, float(weight)))
-        except ValueError:
-            raise UserError(f"ppo.reward: bad weight in {item!r}") from None
-        if not name:
-            raise UserError(f"ppo.reward: empty term in {spec!r}")
-    return parts
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 def build_score_fn(cfg: PipelineConfig, reward_dir: Path, device, dtype):

@@ -65,8 +65,7 @@ def check_run_dir(path: Path) -> None:
 
 def check_judges(cfg: PipelineConfig, stages: set[str]) -> None:
     """Resolve the gold judge and the terms of `ppo.reward` the stages call (importing module:function ones)."""
-    from reward_models.judges import get_judge
-    from rlhf.ppo import parse_reward_spec
+    from reward_models.judges import get_judge, parse_reward_spec
 
     if cfg.prefs.judge and (stages & {"ppo", "eval"} or ("prefs" in stages and cfg.prefs.source == "simulate")):
         keyed("prefs.judge", get_judge, cfg.prefs.judge)

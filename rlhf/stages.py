@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from reward_models.judges import parse_reward_spec
 from rlhf.config import PipelineConfig
 from rlhf.utils import UserError, atomic_write_json, fingerprint, rlhf_command
 
@@ -155,21 +156,12 @@ def _module_source(module: str) -> Path | None:
     return Path(origin) if origin and Path(origin).is_file() else None
 
 
-def _without_weight(item: str) -> str:
-    name, _, weight = item.rpartition(":")
-    try:
-        float(weight)
-    except ValueError:
-        return item
-    return name
-
-
 def source_digest(kind: str, value: Any, hashes: FileHashes) -> str | None:
     """What identifies the contents behind a file, folder, model, judge or reward field; None: the value alone."""
     if not isinstance(value, str) or not value:
         return None
     if kind == "reward":  # `rm`, a judge, or a weighted sum of them: `rm:1.0,mymodule:fn:0.5`
-        digests = [source_digest("judge", _without_weight(part.strip()), hashes) for part in value.split(",")]
+        digests = [source_digest("judge", name, hashes) for name, _ in parse_reward_spec(value)]
         return fingerprint(digests) if any(digests) else None
     if kind == "judge":
         module, sep, _ = value.partition(":")

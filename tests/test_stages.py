@@ -98,7 +98,7 @@ def test_every_config_field_is_an_input_or_of_no_effect():
 @pytest.mark.parametrize("value, expected", [("rm", "rm"), ("rm:1.0", "rm"), ("mod:fn:0.5", "mod:fn"),
                                              ("mod:fn", "mod:fn"), ("keyword:good", "keyword:good")])
 def test_reward_spec_parts(value, expected):
-    assert stages._without_weight(value) == expected
+    assert [name for name, _ in stages.parse_reward_spec(value)] == [expected]
 
 
 def test_file_hashes_reuse_size_and_mtime(tmp_path):
