@@ -144,8 +144,8 @@ def simulate_pairs(cfg: PipelineConfig, progress: bool = True) -> tuple[list[Pai
     import torch
 
     from rlhf.generation import generate_texts, stop_token_ids
-    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer
-    from rlhf.prompts import encode_prompts, load_prompts
+    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
+    from rlhf.prompts import encode_config_prompts, load_prompts
     from reward_models.judges import get_judge
 
     judge = get_judge(cfg.prefs.judge)
@@ -154,9 +154,8 @@ def simulate_pairs(cfg: PipelineConfig, progress: bool = True) -> tuple[list[Pai
     rng.shuffle(prompts)
     prompts = prompts[: cfg.prefs.num_prompts]
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
-    enc = encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
-                         cfg.model.use_chat_template, cfg.model.system_prompt)
-    device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+    enc = encode_config_prompts(cfg, prompts, tokenizer)
+    device = stage_device(cfg)
     model = load_causal_lm(cfg.model.policy, default_dtype(cfg.model.dtype, device),
                            cfg.model.trust_remote_code).to(device).eval()
     k = cfg.prefs.responses_per_prompt

@@ -11,10 +11,12 @@ scaled by `config.reward_mean` / `config.reward_std`, the normalisation stored w
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 
+from rlhf.models import load_reward_model, load_tokenizer
 from rlhf.prompts import to_messages
 
 
@@ -70,3 +72,12 @@ def score_texts(model, tokenizer, prompts: list[Any], responses: list[str], max_
         mean, std = normalization(model)
         scores = (scores - mean) / std
     return scores
+
+
+def load_scorer(model_dir, cfg, device, dtype) -> Callable[[list[Any], list[str]], torch.Tensor]:
+    """The trained reward model in `model_dir` as a function (prompts, responses) -> normalised scores (B,),
+    frozen, in `dtype` on `device`: the scorer of PPO and of the evaluation alike."""
+    model = load_reward_model(str(model_dir), dtype, cfg.model.trust_remote_code).to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code, padding_side="right")
+    return functools.partial(score_texts, model, tokenizer, max_length=cfg.reward.max_length)

@@ -100,21 +100,20 @@ def reference_responses(cfg: PipelineConfig, pairs: list[dict[str, Any]], simula
         prompts, responses, _, _ = index_responses(pairs)
         return prompts[: max(cfg.reward.normalize_samples, 2)], responses[: max(cfg.reward.normalize_samples, 2)]
     from rlhf.generation import generate_texts, stop_token_ids
-    from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.prompts import encode_prompts, load_prompts
+    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
+    from rlhf.prompts import encode_config_prompts, load_prompts
 
     tok = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split,
                            limit=cfg.reward.normalize_samples)
-    enc = encode_prompts(prompts, tok, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
-                         cfg.model.use_chat_template, cfg.model.system_prompt)
-    from rlhf.models import default_dtype
-
-    dtype = default_dtype(cfg.model.dtype, "cpu")
-    policy = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).eval()
+    enc = encode_config_prompts(cfg, prompts, tok)
+    device = stage_device(cfg)
+    policy = load_causal_lm(cfg.model.policy, default_dtype(cfg.model.dtype, device),
+                            cfg.model.trust_remote_code).to(device).eval()
     torch.manual_seed(cfg.run.seed)
     texts = generate_texts(policy, tok, enc.input_ids, cfg.ppo.max_new_tokens, cfg.ppo.temperature,
-                           cfg.prefs.batch_size, stop_token_ids(tok, cfg.ppo.stop_tokens), progress="reference samples")
+                           cfg.prefs.batch_size, stop_token_ids(tok, cfg.ppo.stop_tokens), progress="reference samples",
+                           device=device)
     return enc.prompts, texts
 
 
@@ -249,7 +248,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     from rich.console import Console
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.models import (cast_parameters, default_dtype, load_reward_model, load_tokenizer,
+    from rlhf.models import (cast_parameters, default_dtype, load_reward_model, load_tokenizer, stage_device,
                              set_training_attention)
     from rlhf.tracking import Tracker
     from rlhf.utils import set_seed
@@ -263,13 +262,13 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     rc = cfg.reward
     backbone = rc.backbone or cfg.model.policy
     tokenizer = load_tokenizer(backbone, cfg.model.trust_remote_code, padding_side="right")
-    use_gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
-    dtype = default_dtype(cfg.model.dtype, "cuda" if use_gpu else "cpu")
+    device = stage_device(cfg)
+    dtype = default_dtype(cfg.model.dtype, device)
     # fp32 master weights; bf16 (where `dtype` says so) through the trainer's autocast
     set_seed(cfg.run.seed)  # the new score head is initialised from the seed
     model = load_reward_model(backbone, torch.float32, cfg.model.trust_remote_code, rc.num_layers)
     model.config.pad_token_id = tokenizer.pad_token_id
-    set_training_attention(model, "cuda" if use_gpu else "cpu")
+    set_training_attention(model, device)
     peft_config = None
     if rc.lora:
         from peft import LoraConfig
@@ -290,7 +289,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
             learning_rate=rc.learning_rate, lr_scheduler_type="linear", warmup_steps=0.05, logging_steps=5,
             save_strategy="no", report_to="none", max_length=None,
             center_rewards_coefficient=rc.center_rewards_coefficient, disable_dropout=True, seed=cfg.run.seed,
-            use_cpu=not use_gpu, bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
+            use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
             remove_unused_columns=False,
         )
         trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,

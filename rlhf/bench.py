@@ -72,7 +72,7 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     from rich.console import Console
     from rich.table import Table
 
-    from rlhf.models import default_dtype, resolve_model
+    from rlhf.models import default_dtype, resolve_model, stage_device
     from rlhf.stages import is_done, marker_for, write_marker
     from rlhf.ppo import run_ppo
     from transformers import AutoConfig
@@ -99,7 +99,7 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+    device = stage_device(cfg)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     peak = matmul_peak(device, dtype)
     med = {k: statistics.median(r[f"time/{k}"] for r in rows) for k in ("update", "generate", "forward", "score", "train")}

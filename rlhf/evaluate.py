@@ -52,13 +52,6 @@ def sequence_logprobs(model, query_responses, attention_mask, responses, respons
     return logprobs * response_mask
 
 
-def encode_eval_prompts(cfg: PipelineConfig, prompts: list[Any], tokenizer):
-    from rlhf.prompts import encode_prompts
-
-    return encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
-                          cfg.model.use_chat_template, cfg.model.system_prompt)
-
-
 def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device, desc: str,
                    seed: int | None = None):
     """[(prompt ids, prompt mask, responses, response mask)] per batch; the batch from prompt i on is
@@ -141,14 +134,15 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
 
     `policies` maps a name to a function that loads that policy (one is in memory at a time)."""
     from rlhf.generation import decode_responses
-    from rlhf.models import default_dtype, load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer
+    from rlhf.prompts import encode_config_prompts
     from rlhf.prompts import prompt_text
     from reward_models.judges import get_judge
-    from reward_models.model import score_texts
+    from reward_models.model import load_scorer
 
     dtype = default_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
-    enc = encode_eval_prompts(cfg, prompts, tokenizer)
+    enc = encode_config_prompts(cfg, prompts, tokenizer)
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
     ref: dict[str, Any] = {"texts": [], "length": []}
     for _, _, responses, response_mask in sample_batches(reference, tokenizer, enc.input_ids, cfg, device,
@@ -164,19 +158,17 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
     extra = sample_best_of_n(reference, tokenizer, enc.input_ids, cfg, device, max_n - 1) if max_n > 1 else []
     del reference
 
-    rm = load_reward_model(str(reward_dir), dtype, cfg.model.trust_remote_code).to(device).eval()
-    rm_tok = load_tokenizer(str(reward_dir), cfg.model.trust_remote_code, padding_side="right")
+    score = load_scorer(reward_dir, cfg, device, dtype)
     judge = get_judge(cfg.prefs.judge) if cfg.prefs.judge else None
     for r in [ref, *measured.values()]:
-        r["score"] = score_texts(rm, rm_tok, enc.prompts, r["texts"], cfg.reward.max_length).tolist()
+        r["score"] = score(enc.prompts, r["texts"]).tolist()
         if not all(math.isfinite(s) for s in r["score"]):
             raise TrainingFault(f"the reward model in {reward_dir} gives non-finite scores; retrain it "
                                 f"(rlhf reward CONFIG --force)")
         r["gold"] = judge(r["texts"]) if judge else None
     bon = None
     if max_n:  # the best-of-n samples of each prompt: its eval answer, then the max_n - 1 more
-        scores = score_texts(rm, rm_tok, [p for p in enc.prompts for _ in range(max_n - 1)], extra,
-                             cfg.reward.max_length).tolist()
+        scores = score([p for p in enc.prompts for _ in range(max_n - 1)], extra).tolist()
         golds = judge(extra) if judge and extra else []
         part = lambda xs, i: xs[i * (max_n - 1):(i + 1) * (max_n - 1)]  # noqa: E731
         bon = [{"prompt": prompt_text(enc.prompts[i]), "responses": [ref["texts"][i], *part(extra, i)],
@@ -197,17 +189,17 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The eval stage (see the module docstring)."""
     from rich.console import Console
 
+    from rlhf.models import load_causal_lm, stage_device
     from rlhf.prompts import load_prompts
     from rlhf.tracking import Tracker
 
     reward_dir = require_done(cfg, run_dir, "reward", "eval") / "model"
     ppo_dir = require_done(cfg, run_dir, "ppo", "eval")
     out = Path(out)
-    device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = stage_device(cfg)
     source = cfg.eval.prompts or cfg.data.test_prompts
     split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
     prompts = load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
-    from rlhf.models import load_causal_lm
     from rlhf.ppo import checkpoint_loads, policy_from_checkpoint
 
     policies = {}

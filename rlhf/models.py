@@ -145,6 +145,11 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def stage_device(cfg) -> str:
+    """The device a stage runs on: `cuda` when one is visible and `run.device` is not `cpu`, else `cpu`."""
+    return "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def default_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     """`auto`: bf16 on a CUDA device that supports it and on CPUs with AMX, fp32 elsewhere.
 

@@ -249,17 +249,13 @@ def sync_sampler(sampler, policy) -> None:
 
 def build_score_fn(cfg: PipelineConfig, reward_dir: Path, device, dtype):
     """A function (prompts, texts) -> scores (B,) for the configured reward."""
-    from rlhf.models import load_reward_model, load_tokenizer
     from reward_models.judges import get_judge
-    from reward_models.model import score_texts
+    from reward_models.model import load_scorer
 
     parts = []
     for name, weight in parse_reward_spec(cfg.ppo.reward):
         if name == "rm":
-            rm = load_reward_model(str(reward_dir), dtype, cfg.model.trust_remote_code).to(device).eval()
-            rm.requires_grad_(False)
-            rm_tok = load_tokenizer(str(reward_dir), cfg.model.trust_remote_code, padding_side="right")
-            parts.append((weight, lambda p, t, rm=rm, tok=rm_tok: score_texts(rm, tok, p, t, cfg.reward.max_length)))
+            parts.append((weight, load_scorer(reward_dir, cfg, device, dtype)))
         else:
             judge = get_judge(name)
             parts.append((weight, lambda p, t, judge=judge: torch.tensor(judge(t), dtype=torch.float32)))
@@ -400,15 +396,15 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     from transformers import get_linear_schedule_with_warmup
 
     from rlhf.generation import stop_token_ids
-    from rlhf.models import default_dtype
-    from rlhf.prompts import encode_prompts, load_prompts
+    from rlhf.models import default_dtype, stage_device
+    from rlhf.prompts import encode_config_prompts, load_prompts
     from rlhf.tracking import Tracker
     from rlhf.utils import set_seed
     from reward_models.judges import get_judge
 
     pc = cfg.ppo
     reward_dir = require_done(cfg, run_dir, "reward", "ppo") / "model"
-    probe = "cpu" if cfg.run.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    probe = stage_device(cfg)
     dtype = default_dtype(cfg.model.dtype, probe)
     accelerator = Accelerator(cpu=probe == "cpu", gradient_accumulation_steps=pc.gradient_accumulation_steps,
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
@@ -422,8 +418,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     # 0. data, models, reward, optimiser
     model, ref_policy, sampler, tokenizer = build_models(cfg, reward_dir, accelerator.device, dtype)
     prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split, cfg.data.max_train_prompts)
-    enc = encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
-                         cfg.model.use_chat_template, cfg.model.system_prompt)
+    enc = encode_config_prompts(cfg, prompts, tokenizer)
     if len(enc.prompts) < pc.batch_size:
         raise UserError(f"{len(enc.prompts)} training prompts, fewer than ppo.batch_size={pc.batch_size}")
     score_fn = build_score_fn(cfg, reward_dir, accelerator.device, dtype)

@@ -21,6 +21,8 @@ References (facts matched, not code copied):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 # Logits are processed in blocks of about this many tokens: only (block, V)-sized float32 temporaries are alive.
@@ -58,12 +60,20 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise values (B, T) to mean 0, variance 1 over mask (B, T) == 1, masked positions 0 (TRL `masked_whiten`)."""
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Normalise values (B, T) to mean 0, variance 1 over mask (B, T) == 1, masked positions 0 (TRL `masked_whiten`).
+
+    `reduce` sums a tensor over processes (e.g. an all-reduce): mean and variance are then those of every
+    process's values together, as if their batches were one."""
     # unbiased var matches TRL; lm-human's `whiten` uses the biased `tf.nn.moments` (n/(n-1) apart).
-    # shift_mean=False keeps the mean (lm-human's reward whitening). Statistics are over this tensor only:
-    # gather across processes first for a global whitening.
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    # shift_mean=False keeps the mean (lm-human's reward whitening). One pass of sums (Σx, Σx², n), so that
+    # processes exchange a single 3-vector.
+    real = _zero_masked(values, mask)
+    sums = torch.stack([real.sum(), (real * real).sum(), mask.sum().to(real.dtype)])
+    total, total_sq, n = reduce(sums) if reduce is not None else sums
+    mean = total / n
+    var = (total_sq / n - mean**2) * n / (n - 1).clamp(min=1)  # unbiased, as masked_var
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
     if not shift_mean:
         whitened = whitened + mean

@@ -142,7 +142,7 @@ def check_tokenization(cfg: PipelineConfig, stages: set[str], train: list | None
     within `data.max_prompt_tokens`, and PPO keeps at least `ppo.batch_size` training prompts."""
     from rlhf.generation import stop_token_ids
     from rlhf.models import load_tokenizer
-    from rlhf.prompts import encode_prompts
+    from rlhf.prompts import encode_config_prompts
 
     tokenizer = keyed("model.policy", load_tokenizer, cfg.model.policy, cfg.model.trust_remote_code)
     keyed("ppo.stop_tokens", stop_token_ids, tokenizer, cfg.ppo.stop_tokens)
@@ -150,8 +150,7 @@ def check_tokenization(cfg: PipelineConfig, stages: set[str], train: list | None
         keyed("reward.backbone", load_tokenizer, cfg.reward.backbone, cfg.model.trust_remote_code)
 
     def encode(prompts):
-        return encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
-                              cfg.model.use_chat_template, cfg.model.system_prompt)
+        return encode_config_prompts(cfg, prompts, tokenizer)
 
     if train is not None:
         keyed("data.train_prompts", encode, train)

@@ -173,3 +173,9 @@ def encode_prompts(prompts: list[Any], tokenizer, max_tokens: int, long_prompts:
     if not kept:
         raise UserError(f"all {len(prompts)} prompts are longer than data.max_prompt_tokens={max_tokens} tokens")
     return EncodedPrompts(kept, kept_ids, truncated, dropped)
+
+
+def encode_config_prompts(cfg, prompts: list[Any], tokenizer) -> EncodedPrompts:
+    """`encode_prompts` with the config's prompt limit, long-prompt rule, chat template and system prompt."""
+    return encode_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.long_prompts,
+                          cfg.model.use_chat_template, cfg.model.system_prompt)
