@@ -21,8 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from rlhf.config import PipelineConfig, ppo_sizes
+from rlhf.models import default_dtype, load_reward_model, load_tokenizer, resolve_model, stage_device
+from rlhf.ppo import run_ppo
+from rlhf.ppo_models import reuses_sampling_logprobs
+from rlhf.stages import is_done, marker_for, write_marker
 from rlhf.utils import UserError, read_jsonl
 
 
@@ -59,8 +65,6 @@ def forward_flops_per_token(config) -> float:
 
 def untrained_reward_model(cfg: PipelineConfig, out: Path) -> None:
     """A reward model / critic folder with the policy's backbone and a seeded random score head."""
-    from rlhf.models import load_reward_model, load_tokenizer
-
     torch.manual_seed(cfg.run.seed)
     model = load_reward_model(cfg.model.policy, torch.float32, cfg.model.trust_remote_code, cfg.reward.num_layers)
     model.config.pad_token_id = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code).pad_token_id
@@ -69,13 +73,7 @@ def untrained_reward_model(cfg: PipelineConfig, out: Path) -> None:
 
 
 def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
-    from rlhf.models import default_dtype, resolve_model, stage_device
-    from rlhf.stages import is_done, marker_for, write_marker
-    from rlhf.ppo import run_ppo
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers takes seconds to import: only the bench itself needs it here
 
     if updates < 2:
         raise UserError("--updates must be at least 2 (the first update is excluded)")
@@ -116,8 +114,7 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
                   if pc.value_model == "critic" else 0.0)
     # policy with values, and reference; an fp32 policy that samples itself with a critic reuses generation's
     # logprobs and skips its forward (rlhf.rollout)
-    reuses_generation = (not pc.lora and pc.value_model == "critic"
-                         and default_dtype(cfg.model.dtype, device) == torch.float32)
+    reuses_generation = reuses_sampling_logprobs(pc, default_dtype(cfg.model.dtype, device))
     forward_flops = (1 if reuses_generation else 2) * policy_fwd + critic_fwd
     # backward ≈ 2× forward (input and weight gradients); with LoRA the policy skips its weight gradients
     train_flops = pc.ppo_epochs * ((2.0 if pc.lora else 3.0) * policy_fwd + 3.0 * critic_fwd)

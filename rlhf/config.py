@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf.utils import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A user error in a configuration file or override."""
@@ -556,6 +558,4 @@ def config_yaml(cfg: PipelineConfig) -> str:
 
 
 def save_config(cfg: PipelineConfig, path: str | Path) -> None:
-    from rlhf.utils import atomic_write_text
-
     atomic_write_text(Path(path), config_yaml(cfg))

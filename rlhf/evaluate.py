@@ -31,61 +31,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from tqdm.auto import tqdm
 
+from rlhf.checkpoints import checkpoint_loads, policy_from_checkpoint
 from rlhf.config import PipelineConfig, config_yaml
 from rlhf.eval_math import (METRICS, best_of_n_frontier, best_of_n_kl, best_of_n_log_n_at_kl,  # noqa: F401
                              best_of_n_picks, best_of_n_point, bon_gold_at_kl, bon_metrics, distinct_n, win_rate)
+from rlhf.generation import Responses, decode_responses, left_pad, sample, stop_token_ids
+from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
+from rlhf.ppo_core import zero_masked
+from rlhf.ppo_models import Sequences
+from rlhf.prompts import encode_config_prompts, load_prompts, prompt_text
+from rlhf.report import write_report
+from rlhf.rollout import forward_tokens
 from rlhf.stages import require_done
+from rlhf.tracking import Tracker
 from rlhf.utils import TrainingFault, atomic_write_json, fault_context, warn, write_jsonl
+from reward_models.judges import get_judge
+from reward_models.model import load_scorer
 
 BON_SEED_OFFSET = 1_000_003  # seed of the best-of-n samples' random stream, apart from the eval answers'
 
 
-@torch.no_grad()
-def sequence_logprobs(model, query_responses, attention_mask, responses, response_mask, context_length: int,
-                      temperature: float, batch_size: int) -> torch.Tensor:
-    """Per-token logprobs (B, R) of the responses under `model`, masked after the stop token."""
-    from rlhf.rollout import forward_logprobs
-
-    logprobs, _ = forward_logprobs(None, model, query_responses, attention_mask, responses, context_length,
-                                   temperature, batch_size, with_values=False)
-    return logprobs * response_mask
+def sequence_logprobs(model, seqs: Sequences, responses: Responses, temperature: float,
+                      batch_size: int) -> torch.Tensor:
+    """Per-token logprobs (B, R) of the responses under `model`, 0 after the stop token."""
+    logprobs, _, _ = forward_tokens(None, seqs, responses.ids, temperature, batch_size, lm=model)
+    return zero_masked(logprobs, responses.mask)
 
 
 def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device, desc: str,
                    seed: int | None = None):
-    """[(prompt ids, prompt mask, responses, response mask)] per batch; the batch from prompt i on is
+    """[(prompt ids, prompt mask, Responses)] per batch; the batch from prompt i on is
     sampled with seed + i (seed: `run.seed` by default), so every model answers each prompt under the
     same random stream."""
-    from tqdm.auto import tqdm
-
-    from rlhf.generation import left_pad, sample, stop_token_ids
-
     ec = cfg.eval
     stop_ids = stop_token_ids(tokenizer, cfg.ppo.stop_tokens)
     out = []
     for start in tqdm(range(0, len(prompt_ids), ec.batch_size), desc=desc, unit="batch"):
         ids, mask = left_pad(prompt_ids[start:start + ec.batch_size], tokenizer.pad_token_id, device)
         torch.manual_seed((cfg.run.seed if seed is None else seed) + start)
-        out.append((ids, mask, *sample(model, ids, mask, ec.max_new_tokens, ec.temperature, stop_ids,
-                                       tokenizer.pad_token_id, greedy=ec.greedy)))
+        out.append((ids, mask, sample(model, ids, mask, ec.max_new_tokens, ec.temperature, stop_ids,
+                                      tokenizer.pad_token_id, greedy=ec.greedy)))
     return out
 
 
 def measure_policy(policy, reference, tokenizer, prompt_ids, cfg: PipelineConfig, device, desc: str) -> dict:
     """The policy's responses, their length, and their per-sequence logprob under policy and reference."""
-    from rlhf.generation import decode_responses
-
     temp = 1.0 if cfg.eval.greedy else cfg.eval.temperature
     r: dict[str, list] = {"texts": [], "length": [], "kl": [], "ref_logprob": []}
-    for ids, mask, responses, response_mask in sample_batches(policy, tokenizer, prompt_ids, cfg, device, desc):
-        qr, am = torch.cat([ids, responses], 1), torch.cat([mask, response_mask.long()], 1)
-        args = (qr, am, responses, response_mask, ids.shape[1], temp, cfg.eval.batch_size)
+    for ids, mask, responses in sample_batches(policy, tokenizer, prompt_ids, cfg, device, desc):
+        args = (Sequences.join(ids, mask, responses.ids, responses.mask), responses, temp, cfg.eval.batch_size)
         lp, ref_lp = sequence_logprobs(policy, *args), sequence_logprobs(reference, *args)
         r["kl"] += (lp - ref_lp).sum(1).tolist()
         r["ref_logprob"] += ref_lp.sum(1).tolist()
-        r["texts"] += decode_responses(tokenizer, responses, response_mask)
-        r["length"] += response_mask.sum(1).tolist()
+        r["texts"] += decode_responses(tokenizer, responses)
+        r["length"] += responses.lengths.tolist()
     return r
 
 
@@ -113,14 +115,11 @@ def sample_best_of_n(reference, tokenizer, prompt_ids: list[list[int]], cfg: Pip
     """`extra` more reference answers per prompt (prompt-major: prompt 0's, then prompt 1's, ...), in one
     batched pass on a random stream of their own, so the eval answers sampled before and after stay as
     they were."""
-    from rlhf.generation import decode_responses
-
     repeated = [ids for ids in prompt_ids for _ in range(extra)]
     texts: list[str] = []
-    for _, _, responses, response_mask in sample_batches(reference, tokenizer, repeated, cfg, device,
-                                                         f"reference, best-of-{extra + 1} samples",
-                                                         seed=cfg.run.seed + BON_SEED_OFFSET):
-        texts += decode_responses(tokenizer, responses, response_mask)
+    for _, _, responses in sample_batches(reference, tokenizer, repeated, cfg, device,
+                                          f"reference, best-of-{extra + 1} samples", seed=cfg.run.seed + BON_SEED_OFFSET):
+        texts += decode_responses(tokenizer, responses)
     return texts
 
 
@@ -133,22 +132,14 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
     answer first.
 
     `policies` maps a name to a function that loads that policy (one is in memory at a time)."""
-    from rlhf.generation import decode_responses
-    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer
-    from rlhf.prompts import encode_config_prompts
-    from rlhf.prompts import prompt_text
-    from reward_models.judges import get_judge
-    from reward_models.model import load_scorer
-
     dtype = default_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     enc = encode_config_prompts(cfg, prompts, tokenizer)
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
     ref: dict[str, Any] = {"texts": [], "length": []}
-    for _, _, responses, response_mask in sample_batches(reference, tokenizer, enc.input_ids, cfg, device,
-                                                         "reference"):
-        ref["texts"] += decode_responses(tokenizer, responses, response_mask)
-        ref["length"] += response_mask.sum(1).tolist()
+    for _, _, responses in sample_batches(reference, tokenizer, enc.input_ids, cfg, device, "reference"):
+        ref["texts"] += decode_responses(tokenizer, responses)
+        ref["length"] += responses.lengths.tolist()
     measured = {}
     for name, load in policies.items():
         policy = load(dtype).to(device).eval()
@@ -187,12 +178,6 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
 
 def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The eval stage (see the module docstring)."""
-    from rich.console import Console
-
-    from rlhf.models import load_causal_lm, stage_device
-    from rlhf.prompts import load_prompts
-    from rlhf.tracking import Tracker
-
     reward_dir = require_done(cfg, run_dir, "reward", "eval") / "model"
     ppo_dir = require_done(cfg, run_dir, "ppo", "eval")
     out = Path(out)
@@ -200,7 +185,6 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     source = cfg.eval.prompts or cfg.data.test_prompts
     split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
     prompts = load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
-    from rlhf.ppo import checkpoint_loads, policy_from_checkpoint
 
     policies = {}
     if cfg.eval.checkpoints:
@@ -239,8 +223,6 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     # duplicate the rows of generations.jsonl
     tracker.log_table("samples", rows[:64], step=0)
     try:
-        from rlhf.report import write_report
-
         report = write_report(Path(run_dir), out, config_yaml(cfg))
         for name in ("curves", "length", "frontier"):
             if report.with_name(f"{name}.png").exists():

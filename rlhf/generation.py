@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from rlhf.ppo_core import logprobs_from_logits, truncate_after_stop_token
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
+
+from rlhf.ppo_core import logprobs_from_logits, response_lengths, truncate_after_stop_token, zero_masked
+from rlhf.utils import UserError
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"):
@@ -27,8 +32,6 @@ def stop_token_ids(tokenizer, extra: list[str] | None = None) -> list[int]:
     for text in extra or []:
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(tokens) != 1:
-            from rlhf.utils import UserError
-
             raise UserError(f"stop token {text!r} is {len(tokens)} tokens for this tokenizer; use a single-token string")
         ids.add(tokens[0])
     return sorted(ids)
@@ -58,19 +61,29 @@ class InverseCDFSampling:
         return sample_by_inverse_cdf(scores, self.temperature)
 
 
+@dataclass
+class Responses:
+    """Sampled responses (B, R), cut after their first stop token. The mask is born here, bool, once: the
+    rollout, the scores, the metrics and the evaluation all read it."""
+
+    ids: torch.Tensor  # (B, R) token ids, padding after the first stop token
+    mask: torch.Tensor  # (B, R) bool: True up to and including the first stop token
+    has_stop: torch.Tensor  # (B,) bool: the response ended with a stop token (else it was cut at R)
+    lengths: torch.Tensor  # (B,) real tokens per response
+    logprobs: torch.Tensor | None = None  # (B, R) the sampler's own logprobs at its temperature, 0 on padding
+
+
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, stop_ids: list[int], pad_token_id: int, greedy: bool = False,
-           min_new_tokens: int = 0, return_logprobs: bool = False):
-    """Sample responses with the KV cache; returns (responses, response_mask), both (B, R).
+           min_new_tokens: int = 0, return_logprobs: bool = False) -> Responses:
+    """Sample responses with the KV cache; R is always `max_new_tokens`.
 
     Tokens are drawn from softmax(logits / T) itself (no top-k / top-p), the distribution the PPO
-    logprobs describe. Responses are cut after their first stop token (kept, mask 1); the rest
-    is padding with mask 0. R is always `max_new_tokens`. With `return_logprobs`, also the (B, R)
-    log-probabilities of the sampled tokens under the model's raw logits at `temperature` (0 on padding).
+    logprobs describe. Responses are cut after their first stop token (kept, mask True); the rest
+    is padding. With `return_logprobs`, also the (B, R) log-probabilities of the sampled tokens under
+    the model's raw logits at `temperature`.
     """
-    from transformers import LogitsProcessorList
-
     kwargs = dict(do_sample=False)
     if not greedy:
         kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampling(temperature)])
@@ -90,17 +103,17 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         fill = torch.full((responses.shape[0], max_new_tokens - width), pad_token_id,
                           dtype=responses.dtype, device=responses.device)
         responses = torch.cat([responses, fill], dim=1)
-    responses, mask = truncate_after_stop_token(responses, stop_ids, pad_token_id)
-    if not return_logprobs:
-        return responses, mask
-    logprobs = torch.cat([logprobs, logprobs.new_zeros(logprobs.shape[0], max_new_tokens - width)], dim=1)
-    return responses, mask, logprobs * mask
+    responses, mask, has_stop = truncate_after_stop_token(responses, stop_ids, pad_token_id)
+    if logprobs is not None:
+        logprobs = zero_masked(torch.cat([logprobs, logprobs.new_zeros(logprobs.shape[0], max_new_tokens - width)],
+                                         dim=1), mask)
+    return Responses(responses, mask, has_stop, response_lengths(mask), logprobs)
 
 
-def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+def decode_responses(tokenizer, responses: Responses) -> list[str]:
     """Text of each response without its stop token and padding."""
     texts = []
-    for ids, mask in zip(responses.tolist(), response_mask.tolist()):
+    for ids, mask in zip(responses.ids.tolist(), responses.mask.tolist()):
         ids = [t for t, m in zip(ids, mask) if m]
         texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts
@@ -117,13 +130,11 @@ def generate_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
                    batch_size: int, stop_ids: list[int], greedy: bool = False, progress: str | None = None,
                    device: torch.device | str = "cpu") -> list[str]:
     """Responses (text) for many encoded prompts, in batches, with an optional progress bar."""
-    from tqdm.auto import tqdm
-
     texts: list[str] = []
     starts = range(0, len(prompt_ids), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
         ids, mask = left_pad(prompt_ids[start:start + batch_size], tokenizer.pad_token_id, device)
-        responses, response_mask = sample(unwrap(model), ids, mask, max_new_tokens, temperature, stop_ids,
-                                          tokenizer.pad_token_id, greedy=greedy)
-        texts.extend(decode_responses(tokenizer, responses, response_mask))
+        responses = sample(unwrap(model), ids, mask, max_new_tokens, temperature, stop_ids, tokenizer.pad_token_id,
+                           greedy=greedy)
+        texts.extend(decode_responses(tokenizer, responses))
     return texts

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rlhf.eval_math import METRICS
+from rlhf.report import draw_curves, new_figure
 from rlhf.utils import UserError, read_jsonl, rlhf_command
 
 SORTS = ("gold_diff", "-gold_diff", "score_diff", "-score_diff", "kl", "-kl", "index")
@@ -290,8 +292,6 @@ def load_run(run_dir: Path | str) -> dict:
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     except FileNotFoundError:
         metrics = {}
-    from rlhf.eval_math import METRICS  # documented order first
-
     order = [k for k in METRICS if k in metrics] + [k for k in metrics if k not in METRICS]
     metrics = {k: metrics[k] for k in order}
     return {
@@ -304,8 +304,6 @@ def load_run(run_dir: Path | str) -> dict:
 
 def plot_curves(run: dict):
     """A matplotlib Figure of RM score, gold score and KL over PPO updates (and scores against KL)."""
-    from rlhf.report import draw_curves, new_figure
-
     metrics = run.get("ppo_metrics")
     rows = [] if metrics is None or metrics.empty else metrics.to_dict("records")
     eval_metrics = run.get("eval_metrics")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.tiny import build_tiny_model
 from rlhf.utils import UserError, atomic_dir
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -86,8 +87,6 @@ def resolve_model(name: str) -> str:
     if name in TINY_ALIASES:
         out = cache_dir() / "models" / name
         if not (out / "config.json").is_file():
-            from rlhf.tiny import build_tiny_model
-
             build_tiny_model(out, arch=TINY_ALIASES[name])
         return str(out)
     path = Path(name).expanduser()

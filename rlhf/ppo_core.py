@@ -4,7 +4,8 @@ No configs, models, accelerators, loggers or IO: tensors and floats in, tensors 
 has a hand-computed test in `tests/test_ppo_core.py` (`pytest -q tests/test_ppo_core.py`).
 
 Shapes: B = batch, T = response length, V = vocabulary. Masks are (B, T), 1 on real response tokens,
-0 after the stop token (a prefix mask [1..1, 0..0] per row) and may be float, int or bool. Masked
+0 after the stop token (a prefix mask [1..1, 0..0] per row); the pipeline's are bool, born in
+`truncate_after_stop_token`, and any of float, int or bool works here. Masked
 positions never influence a result, even when they hold junk such as inf or NaN (`torch.where`, not
 multiplication, zeroes them).
 
@@ -29,7 +30,7 @@ import torch
 _CHUNK_TOKENS = 1024
 
 
-def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Return values with positions where mask == 0 set to 0, also when they hold inf or NaN; (B, T) -> (B, T)."""
     return torch.where(mask.bool(), values, 0.0)
 
@@ -41,7 +42,7 @@ def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of values (B, T) where mask (B, T) == 1, over `dim` or everything (TRL `masked_mean` numerator)."""
-    return _zero_masked(values, mask).sum(dim=dim)
+    return zero_masked(values, mask).sum(dim=dim)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -69,7 +70,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     # unbiased var matches TRL; lm-human's `whiten` uses the biased `tf.nn.moments` (n/(n-1) apart).
     # shift_mean=False keeps the mean (lm-human's reward whitening). One pass of sums (Σx, Σx², n), so that
     # processes exchange a single 3-vector.
-    real = _zero_masked(values, mask)
+    real = zero_masked(values, mask)
     sums = torch.stack([real.sum(), (real * real).sum(), mask.sum().to(real.dtype)])
     total, total_sq, n = reduce(sums) if reduce is not None else sums
     mean = total / n
@@ -77,7 +78,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
     if not shift_mean:
         whitened = whitened + mean
-    return _zero_masked(whitened, mask)
+    return zero_masked(whitened, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     # The only place the KL penalty enters PPO. lm-human adds the score at index -1 (fixed-length responses);
     # after truncation at the stop token the last real token is the one the reward model read.
     # Rows with an empty mask get no score.
-    kl = _zero_masked(kl_penalty(logprobs, ref_logprobs, estimator), response_mask)  # (B, T)
+    kl = zero_masked(kl_penalty(logprobs, ref_logprobs, estimator), response_mask)  # (B, T)
     rewards = -kl_coef * kl  # (B, T), lm-human's `non_score_reward`
     B, T = rewards.shape
     last = T - 1 - first_true_indices(response_mask.flip(-1).bool())  # (B,) last index with mask 1; -1 if none
@@ -179,8 +180,8 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     (LMH #L327-L336; Schulman et al. 2016, arXiv:1506.02438)."""
     # Masked rewards/values are zeroed first, so with a prefix mask the value after the last real token is 0:
     # the episode ends there (bootstrap 0). No whitening here; the caller whitens advantages.
-    rewards = _zero_masked(rewards, response_mask)  # (B, T)
-    values = _zero_masked(values, response_mask)  # (B, T)
+    rewards = zero_masked(rewards, response_mask)  # (B, T)
+    values = zero_masked(values, response_mask)  # (B, T)
     T = rewards.shape[-1]
     lastgaelam = 0.0
     advantages_reversed = []
@@ -191,15 +192,15 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
         advantages_reversed.append(lastgaelam)
     advantages = torch.stack(advantages_reversed[::-1], dim=1) if T else torch.zeros_like(rewards)  # (B, T)
     returns = advantages + values  # (B, T)
-    return _zero_masked(advantages, response_mask), _zero_masked(returns, response_mask)
+    return zero_masked(advantages, response_mask), zero_masked(returns, response_mask)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate loss (scalar), token mean over mask (B, T), from logprobs, old_logprobs and advantages
     (B, T), with detached stats clipfrac / approxkl / ratio (LMH #L350-L355 and #L360; TRL naming)."""
-    log_ratio = _zero_masked(logprobs - old_logprobs, mask)  # (B, T); masked junk cannot overflow exp
-    advantages = _zero_masked(advantages, mask)  # (B, T)
+    log_ratio = zero_masked(logprobs - old_logprobs, mask)  # (B, T); masked junk cannot overflow exp
+    advantages = zero_masked(advantages, mask)  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     pg_losses = -advantages * ratio  # (B, T)
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
@@ -217,7 +218,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
                mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (scalar) 0.5 * mean(max((V - R)^2, (V_clip - R)^2)) over mask (B, T) from values,
     old_values and returns (B, T), with detached stats clipfrac / error (LMH #L343-L348)."""
-    values, old_values, returns = (_zero_masked(x, mask) for x in (values, old_values, returns))  # (B, T) each
+    values, old_values, returns = (zero_masked(x, mask) for x in (values, old_values, returns))  # (B, T) each
     vpredclipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # (B, T)
     vf_losses1 = (values - returns) ** 2  # (B, T)
     vf_losses2 = (vpredclipped - returns) ** 2  # (B, T)
@@ -292,16 +293,17 @@ def first_true_indices(bools: torch.Tensor, dtype: torch.dtype = torch.long) -> 
 
 
 def truncate_after_stop_token(responses: torch.Tensor, stop_token_ids: list[int],
-                              pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace tokens of responses (B, T) strictly after the first stop token by pad_token_id and return them with
-    the float response_mask (B, T) (N details, "truncate at EOS"; TRL `truncate_response`)."""
-    # The stop token itself is kept and real (mask 1); a row without a stop token is left whole.
+                              pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace tokens of responses (B, T) strictly after the first stop token by pad_token_id; return them with
+    the bool response mask (B, T) and whether each row has a stop token (B,) (N details, "truncate at EOS";
+    TRL `truncate_response`)."""
+    # The stop token itself is kept and real (mask True); a row without a stop token is left whole.
     stop_ids = torch.tensor(stop_token_ids, dtype=responses.dtype, device=responses.device)
     stop_index = first_true_indices(torch.isin(responses, stop_ids))  # (B,) T when no stop token
     positions = torch.arange(responses.shape[-1], device=responses.device)  # (T,)
     response_mask = positions.unsqueeze(0) <= stop_index.unsqueeze(-1)  # (B, T); <= keeps the stop token
     responses_truncated = torch.where(response_mask, responses, pad_token_id)  # (B, T)
-    return responses_truncated, response_mask.float()
+    return responses_truncated, response_mask, stop_index < responses.shape[-1]
 
 
 def response_lengths(mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from reward_models.judges import get_judge, parse_reward_spec
 from rlhf.config import PipelineConfig
+from rlhf.generation import stop_token_ids
+from rlhf.models import ALIASES, TINY_ALIASES, load_tokenizer
+from rlhf.prompts import encode_config_prompts, load_prompts, load_rows
 from rlhf.utils import UserError
 
 
@@ -65,8 +69,6 @@ def check_run_dir(path: Path) -> None:
 
 def check_judges(cfg: PipelineConfig, stages: set[str]) -> None:
     """Resolve the gold judge and the terms of `ppo.reward` the stages call (importing module:function ones)."""
-    from reward_models.judges import get_judge, parse_reward_spec
-
     if cfg.prefs.judge and (stages & {"ppo", "eval"} or ("prefs" in stages and cfg.prefs.source == "simulate")):
         keyed("prefs.judge", get_judge, cfg.prefs.judge)
     if "ppo" in stages:
@@ -91,8 +93,6 @@ def eval_source(cfg: PipelineConfig) -> tuple[str, str, str]:
 
 def check_prompt_files(cfg: PipelineConfig, stages: set[str]) -> tuple[list | None, list | None]:
     """The training and eval prompts the stages read (None for a set no stage reads), loaded and checked."""
-    from rlhf.prompts import load_prompts
-
     column = cfg.data.prompt_column
     train = held_out = None
     if train_prompts_read(cfg, stages):
@@ -106,8 +106,6 @@ def check_prompt_files(cfg: PipelineConfig, stages: set[str]) -> tuple[list | No
 def check_pair_dataset(cfg: PipelineConfig, margins_needed: bool) -> None:
     """The preference dataset of `prefs.source: load` holds usable pairs, enough to hold out a test split."""
     from reward_models.data import load_pairs, split_by_prompt
-    from rlhf.prompts import load_rows
-
     rows = keyed("prefs.dataset", load_rows, cfg.prefs.dataset, cfg.prefs.dataset_split)
     pairs, _ = keyed("prefs.dataset", load_pairs, rows, cfg.prefs.dataset)
     if cfg.prefs.max_pairs > 0:
@@ -120,8 +118,6 @@ def check_pair_dataset(cfg: PipelineConfig, margins_needed: bool) -> None:
 
 def check_model_folder(key: str, name: str) -> None:
     """A local model folder exists, with a config.json and safetensors weights (aliases and hub names pass)."""
-    from rlhf.models import ALIASES, TINY_ALIASES
-
     if name in ALIASES or name in TINY_ALIASES:
         return
     path = Path(name).expanduser()
@@ -140,10 +136,6 @@ def check_model_folder(key: str, name: str) -> None:
 def check_tokenization(cfg: PipelineConfig, stages: set[str], train: list | None, held_out: list | None) -> None:
     """With the policy's tokenizer: stop tokens are single tokens, each prompt set keeps at least one prompt
     within `data.max_prompt_tokens`, and PPO keeps at least `ppo.batch_size` training prompts."""
-    from rlhf.generation import stop_token_ids
-    from rlhf.models import load_tokenizer
-    from rlhf.prompts import encode_config_prompts
-
     tokenizer = keyed("model.policy", load_tokenizer, cfg.model.policy, cfg.model.trust_remote_code)
     keyed("ppo.stop_tokens", stop_token_ids, tokenizer, cfg.ppo.stop_tokens)
     if "reward" in stages and cfg.reward.backbone:

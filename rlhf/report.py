@@ -22,6 +22,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlhf.eval_math import METRICS, best_of_n_log_n_at_kl
 from rlhf.utils import atomic_write_text, read_jsonl, rlhf_command
 
 RM_COLOR, GOLD_COLOR, KL_COLOR, REF_COLOR = "#1f77b4", "#d62728", "#7f7f7f", "#2ca02c"
@@ -233,8 +234,6 @@ def _signed_sqrt(x):
 
 def frontier_sentence(rows: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> str:
     """One sentence on where the final PPO policy stands against best-of-n at its KL (empty without gold)."""
-    from rlhf.eval_math import best_of_n_log_n_at_kl
-
     bon = sorted((r for r in rows if r.get("method") == "best_of_n"), key=lambda r: r["n"])
     kl, gold, bon_gold = metrics.get("kl"), metrics.get("policy_gold"), metrics.get("bon_gold_at_policy_kl")
     if not bon or not all(_finite(x) for x in (kl, gold, bon_gold)):
@@ -311,8 +310,6 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    from rlhf.eval_math import METRICS
-
     keys = [k for k in METRICS if k in metrics] + sorted(k for k in metrics if k not in METRICS)
     rows = "".join(f'<tr><td class="key">{html.escape(k)}</td><td class="num">{html.escape(_fmt(metrics[k]))}</td>'
                    f'<td>{html.escape(METRICS.get(k, ""))}</td></tr>' for k in keys)

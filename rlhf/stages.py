@@ -28,6 +28,8 @@ from typing import Any
 
 from reward_models.judges import parse_reward_spec
 from rlhf.config import PipelineConfig
+from rlhf.models import ALIASES
+from rlhf.prompts import resolve_path
 from rlhf.utils import UserError, atomic_write_json, fingerprint, rlhf_command
 
 STAGES = ("prefs", "reward", "ppo", "eval")
@@ -170,8 +172,6 @@ def source_digest(kind: str, value: Any, hashes: FileHashes) -> str | None:
         source = _module_source(module)
         return hashes.file(source) if source else None
     if kind == "model":
-        from rlhf.models import ALIASES
-
         if value in ALIASES:
             package, filename = ALIASES[value]
             spec = importlib.util.find_spec(package)
@@ -184,8 +184,6 @@ def source_digest(kind: str, value: Any, hashes: FileHashes) -> str | None:
             return hashes.path(path)
         return _hub_revision(value, "model")
     if kind == "data":
-        from rlhf.prompts import resolve_path
-
         path = resolve_path(value)
         if path is not None:
             return hashes.file(path)

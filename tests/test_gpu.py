@@ -34,7 +34,8 @@ def test_padding_invariance_on_cuda(name):
     from rlhf.generation import left_pad
     from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
     from rlhf.prompts import encode_prompts
-    from rlhf.rollout import PolicyAndValue, forward_logprobs
+    from rlhf.ppo_models import PolicyAndValue, Sequences
+    from rlhf.rollout import forward_tokens
 
     tok = load_tokenizer("tiny-llama")
     model = PolicyAndValue(load_causal_lm(name), load_reward_model(name)).cuda().eval()
@@ -45,9 +46,8 @@ def test_padding_invariance_on_cuda(name):
 
     def run(prompts, rows):
         queries, qmask = left_pad(prompts, tok.pad_token_id, "cuda")
-        qr = torch.cat([queries, responses[:rows]], 1)
-        am = torch.cat([qmask, ones[:rows]], 1)
-        return forward_logprobs(model, None, qr, am, responses[:rows], queries.shape[1], 1.0, 4, with_values=True)
+        seqs = Sequences.join(queries, qmask, responses[:rows], ones[:rows])
+        return forward_tokens(model, seqs, responses[:rows], 1.0, 4)[:2]
 
     (lp1, v1), (lp2, v2) = run([short], 1), run([short, long], 2)
     torch.testing.assert_close(lp1[0], lp2[0], atol=1e-4, rtol=0)

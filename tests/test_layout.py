@@ -60,3 +60,25 @@ def test_the_check_finds_a_circle():
 def test_only_the_cli_imports_the_orchestrator():
     importers = sorted(m for m, deps in import_graph().items() if "rlhf.pipeline" in deps)
     assert importers == ["rlhf.cli"]
+
+
+def function_level_project_imports() -> list[str]:
+    """`module:line` of every import of the project's own modules inside a function."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((PROJECT_ROOT / package).glob("*.py")):
+            for func in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(func):
+                    names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                             else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                    if any(name.split(".")[0] in PACKAGES for name in names):
+                        found.append(f"{package}.{path.stem}:{node.lineno}")
+    return sorted(set(found))
+
+
+def test_project_imports_are_at_the_top_of_each_module():
+    """A module's structure shows in its first lines. The CLI alone imports lazily, so that `rlhf --help` and a
+    mistyped config answer without loading torch."""
+    assert [where for where in function_level_project_imports() if not where.startswith("rlhf.cli:")] == []

@@ -52,12 +52,16 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return base.layers if hasattr(base, "layers") else base.h
 
 
-def assert_prefix_masks(responses, mask, stop_ids, pad_id):
-    """Each mask row is 1..1 0..0; a row shorter than R ends with a stop token; padding after it."""
+def assert_prefix_masks(sampled, stop_ids, pad_id):
+    """Each bool mask row is 1..1 0..0; a row shorter than R ends with a stop token; padding after it; the stop
+    flags and lengths say so."""
+    responses, mask = sampled.ids, sampled.mask
     B, R = responses.shape
-    for row, m in zip(responses.tolist(), mask.tolist()):
+    assert mask.dtype == torch.bool and torch.equal(sampled.lengths, mask.sum(1))
+    for row, m, has_stop in zip(responses.tolist(), mask.tolist(), sampled.has_stop.tolist()):
         n = int(sum(m))
-        assert m == [1.0] * n + [0.0] * (R - n)
+        assert m == [True] * n + [False] * (R - n)
+        assert has_stop == any(t in stop_ids for t in row[:n])
         assert row[n:] == [pad_id] * (R - n)
         stops_inside = [i for i, t in enumerate(row[:n]) if t in stop_ids]
         if n < R:
@@ -141,15 +145,15 @@ def test_causal_lm_loads_and_generates(model_name):
     stop = sorted(set(stop_token_ids(tok)) | set(tok.convert_tokens_to_ids(words)))
     assert tok.unk_token_id not in stop
     torch.manual_seed(0)
-    responses, mask = sample(model, ids, attn, max_new_tokens=12, temperature=2.0, stop_ids=stop,
-                             pad_token_id=tok.pad_token_id)
+    sampled = sample(model, ids, attn, max_new_tokens=12, temperature=2.0, stop_ids=stop, pad_token_id=tok.pad_token_id)
+    responses, mask = sampled.ids, sampled.mask
     assert responses.shape == mask.shape == (len(prompts), 12)
     assert responses.dtype == torch.long
-    assert_prefix_masks(responses, mask, stop, tok.pad_token_id)
-    lengths = mask.sum(1)
+    assert_prefix_masks(sampled, stop, tok.pad_token_id)
+    lengths = sampled.lengths
     assert (lengths < 12).any(), "no row hit a stop token"
     assert (lengths >= 1).all()
-    texts = decode_responses(tok, responses, mask)
+    texts = decode_responses(tok, sampled)
     assert len(texts) == len(prompts) and all(isinstance(t, str) for t in texts)
     assert not any("<eos>" in t or "<pad>" in t for t in texts)
 
@@ -159,11 +163,10 @@ def test_sample_pads_when_every_row_stops_at_once():
     model = load_causal_lm("tiny-qwen2")
     ids, attn = left_pad(tok(["the day", "a cat is"], add_special_tokens=False)["input_ids"], tok.pad_token_id)
     every = list(range(len(tok)))  # any token ends the response
-    responses, mask = sample(model, ids, attn, max_new_tokens=6, temperature=1.0, stop_ids=every,
-                             pad_token_id=tok.pad_token_id)
-    assert responses.shape == (2, 6)
-    assert mask.tolist() == [[1, 0, 0, 0, 0, 0]] * 2
-    assert (responses[:, 1:] == tok.pad_token_id).all()
+    sampled = sample(model, ids, attn, max_new_tokens=6, temperature=1.0, stop_ids=every, pad_token_id=tok.pad_token_id)
+    assert sampled.ids.shape == (2, 6)
+    assert sampled.mask.tolist() == [[1, 0, 0, 0, 0, 0]] * 2 and sampled.has_stop.all()
+    assert (sampled.ids[:, 1:] == tok.pad_token_id).all()
 
 
 def test_min_new_tokens_gives_fixed_length_responses():
@@ -171,9 +174,9 @@ def test_min_new_tokens_gives_fixed_length_responses():
     model = load_causal_lm("tiny-qwen2")
     ids, attn = left_pad(tok(["the day", "a cat is"], add_special_tokens=False)["input_ids"], tok.pad_token_id)
     most = [t for t in range(len(tok)) if t != tok.unk_token_id]  # nearly any token would end the response
-    responses, mask = sample(model, ids, attn, max_new_tokens=6, temperature=1.0, stop_ids=most,
-                             pad_token_id=tok.pad_token_id, min_new_tokens=6)
-    assert mask.tolist() == [[1] * 6] * 2  # stop tokens were masked out until the length was reached
+    sampled = sample(model, ids, attn, max_new_tokens=6, temperature=1.0, stop_ids=most,
+                     pad_token_id=tok.pad_token_id, min_new_tokens=6)
+    assert sampled.mask.tolist() == [[1] * 6] * 2  # stop tokens were masked out until the length was reached
 
 
 def within_sampling_error(counts: torch.Tensor, probs: torch.Tensor, n: int) -> bool:
@@ -208,8 +211,8 @@ def test_sampling_follows_the_model_distribution():
     with torch.no_grad():
         probs = torch.softmax(model(ids, attention_mask=attn).logits[0, -1].double() / temperature, -1)
     torch.manual_seed(0)
-    responses, _ = sample(model, ids.repeat(n, 1), attn.repeat(n, 1), max_new_tokens=1, temperature=temperature,
-                          stop_ids=[], pad_token_id=tok.pad_token_id)
+    responses = sample(model, ids.repeat(n, 1), attn.repeat(n, 1), max_new_tokens=1, temperature=temperature,
+                       stop_ids=[], pad_token_id=tok.pad_token_id).ids
     counts = torch.bincount(responses[:, 0], minlength=len(probs))
     assert within_sampling_error(counts, probs, n)
     flat = torch.softmax(probs.log() * temperature, -1)  # the same logits at T = 1
@@ -252,8 +255,8 @@ def test_greedy_is_deterministic():
     stop = stop_token_ids(tok)
     a = sample(model, ids, attn, 8, 1.0, stop, tok.pad_token_id, greedy=True)
     b = sample(model, ids, attn, 8, 1.0, stop, tok.pad_token_id, greedy=True)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert_prefix_masks(*a, stop, tok.pad_token_id)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.mask, b.mask)
+    assert_prefix_masks(a, stop, tok.pad_token_id)
 
 
 def test_left_padding_does_not_change_greedy_output():
@@ -264,7 +267,7 @@ def test_left_padding_does_not_change_greedy_output():
     long = tok(["tell me about the weather today please"], add_special_tokens=False)["input_ids"]
     alone = sample(model, *left_pad(short, tok.pad_token_id), 6, 1.0, stop, tok.pad_token_id, greedy=True)
     batched = sample(model, *left_pad(long + short, tok.pad_token_id), 6, 1.0, stop, tok.pad_token_id, greedy=True)
-    assert torch.equal(alone[0][0], batched[0][1])
+    assert torch.equal(alone.ids[0], batched.ids[1])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -415,9 +418,9 @@ def test_smollm2_answers_capital_of_france(real_cache):
     enc = encode_prompts(["What is the capital of France?"], tok, max_tokens=64)
     assert "<|im_start|>assistant" in tok.decode(enc.input_ids[0])
     ids, attn = left_pad(enc.input_ids, tok.pad_token_id)
-    responses, mask = sample(model, ids, attn, max_new_tokens=24, temperature=1.0, stop_ids=stop,
-                             pad_token_id=tok.pad_token_id, greedy=True)
-    assert_prefix_masks(responses, mask, stop, tok.pad_token_id)
-    (answer,) = decode_responses(tok, responses, mask)
+    sampled = sample(model, ids, attn, max_new_tokens=24, temperature=1.0, stop_ids=stop,
+                     pad_token_id=tok.pad_token_id, greedy=True)
+    assert_prefix_masks(sampled, stop, tok.pad_token_id)
+    (answer,) = decode_responses(tok, sampled)
     assert "Paris" in answer, answer
-    assert mask.sum() < 24  # a short answer that ends with the end-of-turn token
+    assert sampled.lengths.item() < 24 and sampled.has_stop.item()  # a short answer that ends with the end-of-turn token

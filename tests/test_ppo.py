@@ -5,6 +5,8 @@ prefs + reward run once per module (`upstream`); each PPO variant works on a cop
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import shutil
@@ -16,8 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 import rlhf.ppo as ppo
-from rlhf import ppo_core
-from rlhf.config import load_config
+from accelerate.utils import DistributedType
+from reward_models.judges import get_judge, parse_reward_spec, reward_function
+from reward_models.model import score_texts
+from rlhf import checkpoints, ppo_core
+from rlhf.config import load_config, ppo_sizes
+from rlhf.distributed import global_mean, sum_over_processes
+from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.ppo_models import PolicyAndValue
+from rlhf.prompts import encode_prompts
+from rlhf.rollout import collect_rollout
 from rlhf.pipeline import run_pipeline, work_dir
 from rlhf.stages import MARKER, is_done, stage_identity
 from rlhf.utils import TrainingFault, read_jsonl
@@ -180,7 +190,7 @@ def test_non_finite_reward_stops_the_stage(upstream, tmp_path, monkeypatch):
     def nan_score_fn(cfg, reward_dir, device, dtype):
         return lambda prompts, texts: torch.full((len(texts),), float("nan"))
 
-    monkeypatch.setattr(ppo, "build_score_fn", nan_score_fn)
+    monkeypatch.setattr(ppo, "reward_function", nan_score_fn)
     run_dir = copy_upstream(upstream, tmp_path / "run")
     cfg = tiny_cfg(run_dir, "ppo.num_updates=2")
     with pytest.raises(TrainingFault, match="ppo update 1: non-finite reward scores for 32 of 32 responses"):
@@ -206,8 +216,9 @@ def test_resume_reaches_the_same_result(upstream, tmp_path, monkeypatch, killed_
     assert not is_done(cfg_b, dir_b, "ppo") and not (dir_b / "ppo").exists()
 
     loaded = []
-    real_load = ppo.load_checkpoint
-    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
+    real_load = checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint",
+                        lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
     run_pipeline(cfg_b, only="ppo")
     assert loaded == ["step_00003"]
     assert is_done(cfg_b, dir_b, "ppo")
@@ -238,7 +249,7 @@ def test_changed_config_restarts_instead_of_resuming(learned, tmp_path, monkeypa
     run_dir = tmp_path / "run"
     shutil.copytree(src, run_dir)
     loaded = []
-    monkeypatch.setattr(ppo, "load_checkpoint", lambda *a: loaded.append(a) or 0)
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *a: loaded.append(a) or 0)
     cfg = tiny_cfg(run_dir, JUDGE, "ppo.num_updates=2", "ppo.save_every=1")
     run_pipeline(cfg, only="ppo")
     assert loaded == []
@@ -266,7 +277,7 @@ def write_checkpoint(path: Path, fingerprint: str | None, weights: bool = True, 
 
 def test_latest_checkpoint_skips_incomplete_damaged_and_foreign(tmp_path, capsys):
     ckpts = tmp_path / "checkpoints"
-    assert ppo.latest_checkpoint(ckpts, "fp") is None  # no folder at all
+    assert checkpoints.latest_checkpoint(ckpts, "fp") is None  # no folder at all
     write_checkpoint(ckpts / "step_00003", "fp")
     write_checkpoint(ckpts / "step_00004", "fp")
     write_checkpoint(ckpts / "step_00005", "other")  # another config
@@ -282,19 +293,19 @@ def test_latest_checkpoint_skips_incomplete_damaged_and_foreign(tmp_path, capsys
         f.truncate(f.seek(0, 2) // 2)
     write_checkpoint(ckpts / "step_00014", "fp")
     (ckpts / "step_00014" / "state.pt").write_bytes(b"")  # an optimiser state that was never written
-    assert ppo.latest_checkpoint(ckpts, "fp") == ckpts / "step_00004"
+    assert checkpoints.latest_checkpoint(ckpts, "fp") == ckpts / "step_00004"
     warnings = capsys.readouterr().err
     assert "step_00013 is damaged" in warnings and "step_00014 is damaged" in warnings
-    assert ppo.latest_checkpoint(ckpts, "other") == ckpts / "step_00005"
-    assert ppo.latest_checkpoint(ckpts, "nope") is None
+    assert checkpoints.latest_checkpoint(ckpts, "other") == ckpts / "step_00005"
+    assert checkpoints.latest_checkpoint(ckpts, "nope") is None
 
 
 def test_latest_checkpoint_of_a_real_run(learned):
     cfg, run_dir = learned
     ckpts = run_dir / "ppo" / "checkpoints"
     fp = stage_identity(cfg, run_dir, "ppo")
-    assert ppo.latest_checkpoint(ckpts, fp) == ckpts / "step_00030"
-    assert ppo.latest_checkpoint(ckpts, stage_identity(tiny_cfg(run_dir, JUDGE, "ppo.kl_coef=0.5"), run_dir, "ppo")) is None
+    assert checkpoints.latest_checkpoint(ckpts, fp) == ckpts / "step_00030"
+    assert checkpoints.latest_checkpoint(ckpts, stage_identity(tiny_cfg(run_dir, JUDGE, "ppo.kl_coef=0.5"), run_dir, "ppo")) is None
     state = json.loads((ckpts / "step_00030" / "trainer_state.json").read_text())
     assert state["update"] == 30 and state["fingerprint"] == fp
 
@@ -314,23 +325,20 @@ def test_latest_checkpoint_of_a_real_run(learned):
     ("mypkg.judges:score:1e-1", [("mypkg.judges:score", 0.1)]),
 ])
 def test_parse_reward_spec(spec, expected):
-    assert ppo.parse_reward_spec(spec) == expected
+    assert parse_reward_spec(spec) == expected
 
 
-def test_build_score_fn_weighted_judges(upstream):
+def test_reward_function_weighted_judges(upstream):
     cfg = tiny_cfg(upstream, "ppo.reward=keyword:good:2,keyword:bad:-1")
-    fn = ppo.build_score_fn(cfg, upstream / "reward" / "model", "cpu", torch.float32)
+    fn = reward_function(cfg, upstream / "reward" / "model", "cpu", torch.float32)
     scores = fn(["p"] * 3, ["good good bad", "bad", "nothing"])
     assert scores.tolist() == [3.0, -1.0, 0.0]
 
 
-def test_build_score_fn_rm_matches_score_texts(upstream):
-    from reward_models.model import score_texts
-    from rlhf.models import load_reward_model, load_tokenizer
-
+def test_reward_function_rm_matches_score_texts(upstream):
     cfg = tiny_cfg(upstream, "ppo.reward=rm:1.0,keyword:good:0.5")
     rm_dir = upstream / "reward" / "model"
-    fn = ppo.build_score_fn(cfg, rm_dir, "cpu", torch.float32)
+    fn = reward_function(cfg, rm_dir, "cpu", torch.float32)
     prompts, texts = ["write a story", "tell me about the day"], ["good day", "bad rain"]
     rm = load_reward_model(str(rm_dir)).eval()
     expected = score_texts(rm, load_tokenizer(str(rm_dir), padding_side="right"), prompts, texts) \
@@ -345,16 +353,12 @@ class FakeAccelerator:
     sync_gradients = True
 
     def __init__(self, others=()):
-        from accelerate.utils import DistributedType
-
         self.others = list(others)
         self.num_processes = 1 + len(self.others)
         self.device = torch.device("cpu")
         self.distributed_type = DistributedType.NO
 
     def accumulate(self, model):
-        import contextlib
-
         return contextlib.nullcontext()
 
     def backward(self, loss):
@@ -380,18 +384,12 @@ def random_batch(seed, B=4, T=6):
     return values, mask
 
 
-@pytest.mark.parametrize("shift_mean", [True, False])
-def test_global_masked_whiten_single_process(shift_mean):
-    values, mask = random_batch(0)
-    got = ppo.global_masked_whiten(values, mask, FakeAccelerator(), shift_mean=shift_mean)
-    expected = ppo_core.masked_whiten(values, mask, shift_mean=shift_mean)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_global_masked_whiten_across_processes():
-    """Two processes whiten with the statistics of both batches: as whitening their concatenation."""
+def test_sum_over_processes_is_the_whitening_hook():
+    """With one process there is no hook (nothing is exchanged); with two, masked_whiten through the
+    accelerator's sum whitens with the statistics of both batches: as whitening their concatenation."""
+    assert sum_over_processes(FakeAccelerator()) is None
     (v0, m0), (v1, m1) = random_batch(1), random_batch(2)
-    got = ppo.global_masked_whiten(v0, m0, FakeAccelerator([(torch.nan_to_num(v1), m1)]))
+    got = ppo_core.masked_whiten(v0, m0, reduce=sum_over_processes(FakeAccelerator([(torch.nan_to_num(v1), m1)])))
     both = ppo_core.masked_whiten(torch.cat([v0, v1]), torch.cat([m0, m1]))
     torch.testing.assert_close(got, both[: v0.shape[0]], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, ppo_core.masked_whiten(v0, m0), atol=1e-3)
@@ -399,8 +397,8 @@ def test_global_masked_whiten_across_processes():
 
 def test_global_mean_single_process():
     acc = FakeAccelerator()
-    assert ppo.global_mean(torch.tensor(2.5), acc) == 2.5
-    assert ppo.global_mean(3, acc) == 3.0
+    assert global_mean(torch.tensor(2.5), acc) == 2.5
+    assert global_mean(3, acc) == 3.0
 
 
 def test_compute_advantages_are_whitened_over_response_tokens():
@@ -411,7 +409,7 @@ def test_compute_advantages_are_whitened_over_response_tokens():
                               logprobs=-torch.rand(B, T, generator=g), ref_logprobs=-torch.rand(B, T, generator=g),
                               values=torch.nan_to_num(values))
     cfg = SimpleNamespace(kl_estimator="k1", whiten_rewards=False, gamma=1.0, lam=0.95)
-    out = ppo.compute_advantages(rollout, 0.1, cfg, FakeAccelerator())
+    out = ppo.compute_advantages(rollout, 0.1, cfg)
     m = mask.bool()
     assert out.advantages[m].mean().abs() < 1e-5
     assert out.advantages[m].std() == pytest.approx(1.0, abs=1e-4)
@@ -486,14 +484,6 @@ def test_a_kept_rollout_forward_is_the_first_epochs_forward(tmp_path, value_mode
     """One micro-batch per epoch: the rollout's forward, kept with its graph, replaces the first epoch's.
     The update must be the one that computes it again (same weights after two epochs, same stats), with
     one forward pass fewer."""
-    import copy
-
-    from reward_models.judges import get_judge
-    from rlhf.config import ppo_sizes
-    from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-    from rlhf.prompts import encode_prompts
-    from rlhf.rollout import PolicyAndValue, collect_rollout
-
     pc = tiny_cfg(tmp_path, "ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
                   f"ppo.value_model={value_model}").ppo
     sizes = ppo_sizes(pc)
@@ -516,22 +506,22 @@ def test_a_kept_rollout_forward_is_the_first_epochs_forward(tmp_path, value_mode
         trunk.register_forward_pre_hook(lambda m, a, kw: full_passes.append(1) if kw["input_ids"].shape[1] == P + 6
                                         else None, with_kwargs=True)
         torch.manual_seed(1)
-        r = collect_rollout(model, ref, prompts, ids, tok, lambda p, t: torch.tensor(judge(t), dtype=torch.float32),
-                            None, max_new_tokens=6, temperature=1.0, stop_ids=[], micro_batch_size=8,
-                            min_new_tokens=6, keep_graph=keep)
-        assert (r.first_forward is not None) == keep
+        r, kept = collect_rollout(model, ref, prompts, ids, tok,
+                                  lambda p, t: torch.tensor(judge(t), dtype=torch.float32), None, max_new_tokens=6,
+                                  temperature=1.0, stop_ids=[], micro_batch_size=8, min_new_tokens=6,
+                                  keep_forward=keep)
+        assert (kept is not None) == keep
         if keep:
-            assert r.first_forward[1].requires_grad and torch.equal(r.first_forward[1].detach(), r.values)
-        r = ppo.compute_advantages(r, 0.05, pc, FakeAccelerator())
+            assert kept.values.requires_grad and torch.equal(kept.values.detach(), r.values)
+        r = ppo.compute_advantages(r, 0.05, pc)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)  # linear in the gradients
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        stats = ppo.ppo_update(model, optimizer, scheduler, r, pc, sizes, FakeAccelerator())
-        assert r.first_forward is None  # released for the next update
+        stats = ppo.ppo_update(model, optimizer, scheduler, r, pc, sizes, FakeAccelerator(), first_forward=kept)
         return r, stats, model, len(full_passes)
 
     r0, stats0, model0, passes0 = run(False)
     r1, stats1, model1, passes1 = run(True)
-    assert torch.equal(r0.responses, r1.responses)
+    assert torch.equal(r0.responses.ids, r1.responses.ids)
     torch.testing.assert_close(r1.logprobs, r0.logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(r1.values, r0.values, atol=1e-5, rtol=0)
     assert stats1.keys() == stats0.keys()

@@ -259,7 +259,7 @@ def test_per_token_rewards_k3_and_estimator_passthrough():
 
 def test_truncate_then_rewards_put_score_on_stop_token():
     responses = torch.tensor([[5, 2, 7, 8], [5, 6, 7, 8]])  # stop token 2 at index 1; none in row 1
-    _, mask = truncate_after_stop_token(responses, [2], pad_token_id=0)
+    _, mask, _ = truncate_after_stop_token(responses, [2], pad_token_id=0)
     rewards, _ = per_token_rewards(t([1.0, 2.0]), torch.zeros(2, 4), torch.zeros(2, 4), mask, kl_coef=0.1)
     torch.testing.assert_close(rewards, t([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]]))
 
@@ -491,7 +491,7 @@ def test_truncate_after_stop_token():
         [5, 6, 7, 2],  # stop at the last position
         [5, 9, 2, 7],  # second stop id comes first
     ])
-    truncated, mask = truncate_after_stop_token(responses, stop_token_ids=[2, 9], pad_token_id=0)
+    truncated, mask, has_stop = truncate_after_stop_token(responses, stop_token_ids=[2, 9], pad_token_id=0)
     assert torch.equal(truncated, torch.tensor([
         [5, 2, 0, 0],
         [2, 0, 0, 0],
@@ -499,17 +499,37 @@ def test_truncate_after_stop_token():
         [5, 6, 7, 2],
         [5, 9, 0, 0],
     ]))
-    assert mask.dtype == torch.float32
-    assert torch.equal(mask, t([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert mask.dtype == torch.bool
+    assert torch.equal(mask, t([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]).bool())
+    assert has_stop.tolist() == [True, True, False, True, True]
     assert torch.equal(response_lengths(mask), torch.tensor([2, 1, 4, 4, 2]))
     # pad == stop (e.g. GPT-2): the stop token stays real, the tail is masked
-    truncated, mask = truncate_after_stop_token(torch.tensor([[4, 3, 3, 6]]), [3], pad_token_id=3)
-    assert truncated.tolist() == [[4, 3, 3, 3]] and mask.tolist() == [[1, 1, 0, 0]]
+    truncated, mask, has_stop = truncate_after_stop_token(torch.tensor([[4, 3, 3, 6]]), [3], pad_token_id=3)
+    assert truncated.tolist() == [[4, 3, 3, 3]] and mask.tolist() == [[1, 1, 0, 0]] and has_stop.tolist() == [True]
     # no stop ids: nothing truncated
-    assert truncate_after_stop_token(responses, [], 0)[1].sum().item() == responses.numel()
+    _, mask, has_stop = truncate_after_stop_token(responses, [], 0)
+    assert mask.sum().item() == responses.numel() and not has_stop.any()
 
 
 def test_response_lengths():
     mask = t([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
     assert torch.equal(response_lengths(mask), torch.tensor([2, 0, 3]))
     assert torch.equal(response_lengths(mask.bool()), torch.tensor([2, 0, 3]))
+
+
+def test_masked_whiten_reduce_hook_whitens_two_batches_as_one():
+    """`reduce` receives this batch's (Σx, Σx², n) and returns the sums over every process: here a second
+    process holds [3, 5] (Σx = 8, Σx² = 34, n = 2) next to this one's [1, 3] and a masked NaN. Together
+    [1, 3, 3, 5]: mean 3, unbiased variance (4 + 0 + 0 + 4) / 3 = 8/3."""
+    values, mask = t([[1.0, 3.0, float("nan")]]), t([[1, 1, 0]])
+    seen = []
+
+    def reduce(sums):
+        seen.append(sums.tolist())
+        return sums + t([8.0, 34.0, 2.0])
+
+    whitened = masked_whiten(values, mask, reduce=reduce)
+    assert seen == [[4.0, 10.0, 2.0]]  # masked NaN left out of the exchanged sums
+    torch.testing.assert_close(whitened, t([[-2.0, 0.0, 0.0]]) / math.sqrt(8 / 3 + 1e-8))
+    unshifted = masked_whiten(values, mask, shift_mean=False, reduce=reduce)
+    torch.testing.assert_close(unshifted, t([[-2.0 / math.sqrt(8 / 3) + 3.0, 3.0, 0.0]]))

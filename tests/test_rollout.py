@@ -14,7 +14,8 @@ from reward_models.judges import get_judge
 from rlhf.generation import left_pad
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.prompts import encode_prompts
-from rlhf.rollout import PolicyAndValue, collect_rollout, forward_logprobs, position_ids_from_mask, reference_mode
+from rlhf.ppo_models import PolicyAndValue, Sequences
+from rlhf.rollout import collect_rollout, forward_tokens
 
 SHORT = "write a good story"
 LONG = ("tell me about the weather in the city today and the food and the music and the park and the "
@@ -44,11 +45,15 @@ def keyword_score(prompts, texts):
 
 
 def batch_with_response(tok, prompt_ids: list[list[int]], responses: torch.Tensor, response_mask: torch.Tensor):
-    """(query_responses, attention_mask, context_length) for left-padded prompts followed by `responses`."""
+    """The Sequences of left-padded prompts followed by `responses`."""
     queries, query_mask = left_pad(prompt_ids, tok.pad_token_id)
-    qr = torch.cat([queries, responses], dim=1)
-    am = torch.cat([query_mask, response_mask.long()], dim=1)
-    return qr, am, queries.shape[1]
+    return Sequences.join(queries, query_mask, responses, response_mask.bool())
+
+
+def policy_logprobs(model, seqs, responses, temperature, micro_batch_size, with_values=True):
+    """(logprobs, values) of `responses` under a PolicyAndValue."""
+    return forward_tokens(model, seqs, responses, temperature, micro_batch_size,
+                          what="both" if with_values else "logits")[:2]
 
 
 def logprobs_alone_and_padded(model, tok, temperature=1.0):
@@ -60,20 +65,24 @@ def logprobs_alone_and_padded(model, tok, temperature=1.0):
     mask = torch.ones(1, 7)
     mask[0, 5:] = 0  # a response cut after 5 tokens: padding after it too
     response[0, 5:] = tok.pad_token_id
-    qr, am, P = batch_with_response(tok, [short], response, mask)
-    alone = forward_logprobs(model, None, qr, am, response, P, temperature, 4, with_values=True)
+    alone = policy_logprobs(model, batch_with_response(tok, [short], response, mask), response, temperature, 4)
     other = torch.randint(8, len(tok), (1, 7), generator=g)
     responses = torch.cat([response, other])
     masks = torch.cat([mask, torch.ones(1, 7)])
-    qr2, am2, P2 = batch_with_response(tok, [short, long], responses, masks)
-    assert am2[0, : P2 - len(short)].sum() == 0  # the short prompt really is left-padded
-    padded = forward_logprobs(model, None, qr2, am2, responses, P2, temperature, 4, with_values=True)
+    seqs = batch_with_response(tok, [short, long], responses, masks)
+    assert seqs.attention_mask[0, : seqs.context_length - len(short)].sum() == 0  # the short prompt is left-padded
+    padded = policy_logprobs(model, seqs, responses, temperature, 4)
     return alone, padded, mask.bool()
 
 
 def test_position_ids_ignore_left_padding():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    queries, query_mask = torch.tensor([[0, 0, 5], [4, 5, 6]]), torch.tensor([[0, 0, 1], [1, 1, 1]])
+    responses, response_mask = torch.tensor([[7, 8, 0], [7, 8, 9]]), torch.tensor([[True, True, False], [True] * 3])
+    seqs = Sequences.join(queries, query_mask, responses, response_mask)
+    assert seqs.input_ids.tolist() == [[0, 0, 5, 7, 8, 0], [4, 5, 6, 7, 8, 9]]
+    assert seqs.attention_mask.tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert seqs.position_ids.tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 2, 3, 4, 5]]
+    assert seqs.context_length == 3 and seqs.rows([1]).input_ids.tolist() == [[4, 5, 6, 7, 8, 9]]
 
 
 # Llama's rotary embeddings are relative, so only an absolute-position model (GPT-2) notices wrong position ids.
@@ -113,10 +122,10 @@ def test_padding_invariance_reference_path(tok, name):
     short, long = encode(tok, [SHORT, LONG])
     response = torch.randint(8, len(tok), (2, 6), generator=torch.Generator().manual_seed(1))
     ones = torch.ones(2, 6)
-    qr, am, P = batch_with_response(tok, [short], response[:1], ones[:1])
-    alone, _ = forward_logprobs(model, base_policy, qr, am, response[:1], P, 1.0, 4, with_values=False)
-    qr2, am2, P2 = batch_with_response(tok, [short, long], response, ones)
-    padded, _ = forward_logprobs(model, base_policy, qr2, am2, response, P2, 1.0, 1, with_values=False)
+    seqs = batch_with_response(tok, [short], response[:1], ones[:1])
+    alone, _, _ = forward_tokens(model, seqs, response[:1], 1.0, 4, lm=base_policy)
+    seqs2 = batch_with_response(tok, [short, long], response, ones)
+    padded, _, _ = forward_tokens(model, seqs2, response, 1.0, 1, lm=base_policy)
     torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=0)
 
 
@@ -124,13 +133,15 @@ def test_forward_logprobs_uses_temperature(tok):
     model = PolicyAndValue(fresh_policy()).eval()
     short, long = encode(tok, [SHORT, LONG])
     responses = torch.randint(8, len(tok), (2, 5), generator=torch.Generator().manual_seed(2))
-    qr, am, P = batch_with_response(tok, [short, long], responses, torch.ones(2, 5))
-    lp, _ = forward_logprobs(model, None, qr, am, responses, P, 0.7, 2, with_values=False)
+    seqs = batch_with_response(tok, [short, long], responses, torch.ones(2, 5))
+    lp, _ = policy_logprobs(model, seqs, responses, 0.7, 2, with_values=False)
     with torch.no_grad():
-        logits = model.policy(input_ids=qr, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
+        logits = model.policy(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                              position_ids=seqs.position_ids).logits
+    P = seqs.context_length
     expected = torch.log_softmax(logits[:, P - 1:-1] / 0.7, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(lp, expected, atol=1e-5, rtol=0)
-    at_one, _ = forward_logprobs(model, None, qr, am, responses, P, 1.0, 2, with_values=False)
+    at_one, _ = policy_logprobs(model, seqs, responses, 1.0, 2, with_values=False)
     assert (lp - at_one).abs().max() > 1e-3  # the temperature is really applied
 
 
@@ -145,7 +156,7 @@ def rollout(model, ref, tok, stop_ids, seed=0, prompts=PROMPTS, score_fn=keyword
     ids = encode(tok, prompts)
     torch.manual_seed(seed)
     kw = {"max_new_tokens": 6, "temperature": 1.0, "micro_batch_size": 3, **kw}
-    return collect_rollout(model, ref, prompts, ids, tok, score_fn, get_judge("keyword:good"), stop_ids=stop_ids, **kw)
+    return collect_rollout(model, ref, prompts, ids, tok, score_fn, get_judge("keyword:good"), stop_ids=stop_ids, **kw)[0]
 
 
 def frequent_stop_ids(tok, n=25):
@@ -161,33 +172,36 @@ def test_collect_rollout_fields(tok):
     r = rollout(model, ref, tok, stop_ids)
     B, R = len(PROMPTS), 6
     P = max(len(x) for x in encode(tok, PROMPTS))
-    assert r.queries.shape == r.query_mask.shape == (B, P)
-    for name in ("responses", "response_mask", "logprobs", "ref_logprobs", "values"):
+    assert r.queries.shape == (B, P)
+    for name in ("logprobs", "ref_logprobs", "values"):
         assert getattr(r, name).shape == (B, R), name
-    assert r.scores.shape == r.gold.shape == r.has_stop.shape == (B,)
+    assert r.responses.ids.shape == r.responses.mask.shape == (B, R)
+    assert r.scores.shape == r.gold.shape == r.responses.has_stop.shape == (B,)
     assert len(r.response_texts) == len(r.prompts) == B
-    assert r.query_responses.shape == r.attention_mask.shape == (B, P + R)
-    mask = r.response_mask.bool()
+    assert r.seqs.input_ids.shape == r.seqs.attention_mask.shape == r.seqs.position_ids.shape == (B, P + R)
+    mask = r.response_mask
+    assert mask.dtype == torch.bool and torch.equal(r.responses.lengths, mask.sum(1))
     # a prefix of ones, at least the first token, and padding after it
     assert torch.equal(mask, mask.long().cumprod(1).bool())
     assert mask[:, 0].all()
-    assert (r.responses[~mask] == tok.pad_token_id).all()
+    assert (r.responses.ids[~mask] == tok.pad_token_id).all()
     assert torch.isfinite(r.logprobs[mask]).all() and (r.logprobs[mask] <= 0).all()
     # has_stop: a stop token is the last real token, nothing after it; rows without one use all R tokens
     stops = torch.tensor(stop_ids)
     for i in range(B):
         n = int(mask[i].sum())
-        real = r.responses[i, :n]
-        if r.has_stop[i]:
+        real = r.responses.ids[i, :n]
+        if r.responses.has_stop[i]:
             assert real[-1].item() in stop_ids and not torch.isin(real[:-1], stops).any()
         else:
             assert n == R and not torch.isin(real, stops).any()
-    assert 0 < int(r.has_stop.sum()) < B, "the seed should give both kinds of rows"
+    assert 0 < int(r.responses.has_stop.sum()) < B, "the seed should give both kinds of rows"
     # scores are the judge's on the decoded text; the prompts are left-padded
     assert r.scores.tolist() == get_judge("keyword:good")(r.response_texts)
     assert torch.equal(r.gold.float(), r.scores)
-    assert (r.query_mask.sum(1) == torch.tensor([len(x) for x in encode(tok, PROMPTS)])).all()
-    assert torch.equal(r.query_mask, r.query_mask.flip(1).cumprod(1).flip(1))  # zeros only on the left
+    query_mask = r.seqs.attention_mask[:, :P]
+    assert (query_mask.sum(1) == torch.tensor([len(x) for x in encode(tok, PROMPTS)])).all()
+    assert torch.equal(query_mask, query_mask.flip(1).cumprod(1).flip(1))  # zeros only on the left
 
 
 def test_generation_logprobs_equal_the_training_forward_with_a_critic(tok):
@@ -197,13 +211,12 @@ def test_generation_logprobs_equal_the_training_forward_with_a_critic(tok):
     model = PolicyAndValue(fresh_policy(), critic).eval()
     stop_ids = frequent_stop_ids(tok)
     r = rollout(model, fresh_policy(), tok, stop_ids, temperature=0.7)
-    mask = r.response_mask.bool()
-    again, values = forward_logprobs(model, None, r.query_responses, r.attention_mask, r.responses,
-                                     r.queries.shape[1], 0.7, micro_batch_size=3, with_values=True)
+    mask = r.response_mask
+    again, values = policy_logprobs(model, r.seqs, r.responses.ids, 0.7, micro_batch_size=3)
     assert torch.allclose(r.logprobs[mask], again[mask], atol=1e-5)
     assert (r.logprobs[~mask] == 0).all()
     assert torch.allclose(r.values[mask], values[mask], atol=1e-5)
-    assert 0 < int(r.has_stop.sum()) < len(PROMPTS)
+    assert 0 < int(r.responses.has_stop.sum()) < len(PROMPTS)
 
 
 def test_missing_eos_penalty_only_for_rows_without_stop(tok):
@@ -212,9 +225,9 @@ def test_missing_eos_penalty_only_for_rows_without_stop(tok):
     stop_ids = frequent_stop_ids(tok)
     plain = rollout(model, ref, tok, stop_ids, seed=3, max_new_tokens=3)
     penalised = rollout(model, ref, tok, stop_ids, seed=3, max_new_tokens=3, missing_eos_penalty=2.5)
-    assert torch.equal(plain.responses, penalised.responses)  # same seed, same samples
-    assert 0 < int(plain.has_stop.sum()) < len(PROMPTS)
-    expected = plain.scores - 2.5 * (~plain.has_stop).float()
+    assert torch.equal(plain.responses.ids, penalised.responses.ids)  # same seed, same samples
+    assert 0 < int(plain.responses.has_stop.sum()) < len(PROMPTS)
+    expected = plain.scores - 2.5 * (~plain.responses.has_stop).float()
     torch.testing.assert_close(penalised.scores, expected)
     clipped = rollout(model, ref, tok, stop_ids, seed=3, max_new_tokens=3, missing_eos_penalty=2.5, score_clip=1.0)
     assert clipped.scores.min() >= -1.0 and clipped.scores.max() <= 1.0
@@ -223,7 +236,7 @@ def test_missing_eos_penalty_only_for_rows_without_stop(tok):
 def test_logprobs_equal_ref_at_init_full_copy(tok):
     model = PolicyAndValue(fresh_policy()).eval()
     r = rollout(model, fresh_policy(), tok, [tok.eos_token_id], max_new_tokens=8)
-    mask = r.response_mask.bool()
+    mask = r.response_mask
     torch.testing.assert_close(r.logprobs[mask], r.ref_logprobs[mask], atol=1e-5, rtol=0)
 
 
@@ -237,7 +250,7 @@ def lora_policy():
 def test_lora_reference_is_base_with_adapter_disabled(tok, base_policy):
     model = PolicyAndValue(lora_policy()).eval()
     r = rollout(model, None, tok, [tok.eos_token_id], max_new_tokens=8)
-    mask = r.response_mask.bool()
+    mask = r.response_mask
     # LoRA B is zero before training: the policy is its reference
     torch.testing.assert_close(r.logprobs[mask], r.ref_logprobs[mask], atol=1e-5, rtol=0)
 
@@ -250,21 +263,14 @@ def test_lora_reference_is_base_with_adapter_disabled(tok, base_policy):
                 changed += 1
     assert changed > 0
     r = rollout(model, None, tok, [tok.eos_token_id], max_new_tokens=8, seed=1)
-    mask = r.response_mask.bool()
+    mask = r.response_mask
     assert (r.logprobs - r.ref_logprobs)[mask].abs().max() > 1e-2  # the adapter changed the policy
-    qr, am, P = r.query_responses, r.attention_mask, r.queries.shape[1]
-    base_lp, _ = forward_logprobs(model, base_policy, qr, am, r.responses, P, 1.0, 4, with_values=False)
+    base_lp, _, _ = forward_tokens(model, r.seqs, r.responses.ids, 1.0, 4, lm=base_policy)
     torch.testing.assert_close(r.ref_logprobs[mask], base_lp[mask], atol=1e-5, rtol=0)
-    with reference_mode(model, None) as ref:  # the adapter is enabled again afterwards
-        assert ref is model.policy
-    again, _ = forward_logprobs(model, None, qr, am, r.responses, P, 1.0, 4, with_values=False)
+    through_model, _, _ = forward_tokens(model, r.seqs, r.responses.ids, 1.0, 4, what="reference")
+    torch.testing.assert_close(through_model, r.ref_logprobs, atol=1e-6, rtol=0)
+    again, _ = policy_logprobs(model, r.seqs, r.responses.ids, 1.0, 4, with_values=False)
     torch.testing.assert_close(again[mask], r.logprobs[mask], atol=1e-5, rtol=0)
-
-
-def test_reference_mode_full_copy_yields_copy(base_policy):
-    model = PolicyAndValue(fresh_policy())
-    with reference_mode(model, base_policy) as ref:
-        assert ref is base_policy
 
 
 def test_non_finite_score_raises(tok):
@@ -312,10 +318,10 @@ def test_dropout_off_in_train_mode(tmp_path, name):
     model = PolicyAndValue(load_causal_lm(str(folder)), load_reward_model(str(folder)))
     ids = encode(tok, [SHORT, LONG])
     responses = torch.randint(8, len(tok), (2, 5), generator=torch.Generator().manual_seed(0))
-    qr, am, P = batch_with_response(tok, ids, responses, torch.ones(2, 5))
+    seqs = batch_with_response(tok, ids, responses, torch.ones(2, 5))
     model.eval()
-    lp_eval, v_eval = forward_logprobs(model, None, qr, am, responses, P, 1.0, 2, with_values=True)
+    lp_eval, v_eval = policy_logprobs(model, seqs, responses, 1.0, 2)
     model.train()
-    lp_train, v_train = forward_logprobs(model, None, qr, am, responses, P, 1.0, 2, with_values=True)
+    lp_train, v_train = policy_logprobs(model, seqs, responses, 1.0, 2)
     torch.testing.assert_close(lp_train, lp_eval, atol=1e-5, rtol=0)
     torch.testing.assert_close(v_train, v_eval, atol=1e-5, rtol=0)
