@@ -7,6 +7,8 @@ Names: `vader`, `length` (words), `keyword:WORD` (occurrences of WORD), or `modu
 importable function that maps one text to a float. `module:function` runs your code: the module is
 imported (from the working directory or the Python path) when the config is checked, before any
 stage starts. Every judge's scores are checked: a NaN or inf stops the stage with a TrainingFault.
+`reward_function` turns the PPO reward spec (`ppo.reward`: `rm`, a judge, or a weighted sum) into one
+scoring function.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import re
 import sys
 from typing import Callable
 
+import torch
+
+from reward_models.model import load_scorer
 from rlhf.utils import TrainingFault, UserError
 
 Judge = Callable[[list[str]], list[float]]
@@ -123,3 +128,20 @@ def _is_number(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def reward_function(cfg, reward_dir, device, dtype) -> Callable[[list, list[str]], torch.Tensor]:
+    """The PPO reward `ppo.reward` as one function (prompts, texts) -> scores (B,) on `device`: the weighted sum
+    of the trained reward model in `reward_dir` ("rm") and of judges."""
+    parts = []
+    for name, weight in parse_reward_spec(cfg.ppo.reward):
+        if name == "rm":
+            parts.append((weight, load_scorer(reward_dir, cfg, device, dtype)))
+        else:
+            judge = get_judge(name)
+            parts.append((weight, lambda p, t, judge=judge: torch.tensor(judge(t), dtype=torch.float32)))
+
+    def score_fn(prompts, texts):
+        return sum(w * fn(prompts, texts).float().to(device) for w, fn in parts)
+
+    return score_fn
