@@ -31,7 +31,7 @@ console = Console(stderr=True)
 def stage_function(stage: str) -> Callable[[PipelineConfig, Path, Path], Path]:
     """`run_<stage>(cfg, run_dir, out)`: reads earlier stages' outputs from `run_dir`, writes its own to `out`."""
     if stage == "prefs":
-        from reward_models.data import run_prefs as fn
+        from reward_models.prefs import run_prefs as fn
     elif stage == "reward":
         from reward_models.train import run_reward as fn
     elif stage == "ppo":

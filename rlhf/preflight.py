@@ -105,7 +105,7 @@ def check_prompt_files(cfg: PipelineConfig, stages: set[str]) -> tuple[list | No
 
 def check_pair_dataset(cfg: PipelineConfig, margins_needed: bool) -> None:
     """The preference dataset of `prefs.source: load` holds usable pairs, enough to hold out a test split."""
-    from reward_models.data import load_pairs, split_by_prompt
+    from reward_models.prefs import load_pairs, split_by_prompt
     from rlhf.prompts import load_rows
 
     rows = keyed("prefs.dataset", load_rows, cfg.prefs.dataset, cfg.prefs.dataset_split)

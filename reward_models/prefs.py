@@ -21,7 +21,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+
+from reward_models.judges import get_judge
 from rlhf.config import PipelineConfig
+from rlhf.generation import generate_texts, stop_token_ids
+from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
+from rlhf.prompts import encode_config_prompts, load_prompts, load_rows
+from rlhf.tracking import Tracker
 from rlhf.utils import UserError, atomic_write_json, fault_context, write_jsonl
 
 Pair = dict[str, Any]
@@ -141,13 +149,6 @@ def label_pairs(prompts: list[Any], responses: list[list[str]], gold: list[list[
 
 def simulate_pairs(cfg: PipelineConfig, progress: bool = True) -> tuple[list[Pair], dict[str, Any]]:
     """Sample k responses per training prompt from the policy and label pairs with a noisy gold judge."""
-    import torch
-
-    from rlhf.generation import generate_texts, stop_token_ids
-    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
-    from rlhf.prompts import encode_config_prompts, load_prompts
-    from reward_models.judges import get_judge
-
     judge = get_judge(cfg.prefs.judge)
     rng = random.Random(cfg.run.seed)
     prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split)
@@ -192,11 +193,6 @@ def split_by_prompt(pairs: list[Pair], test_fraction: float, seed: int) -> tuple
 def run_prefs(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The prefs stage: write train/test preference pairs and their statistics to `out` (the orchestrator
     publishes it as `<run_dir>/prefs/`)."""
-    from rich.console import Console
-
-    from rlhf.prompts import load_rows
-    from rlhf.tracking import Tracker
-
     out = Path(out)
     if cfg.prefs.source == "load":
         pairs, dropped = load_pairs(load_rows(cfg.prefs.dataset, cfg.prefs.dataset_split), cfg.prefs.dataset)
