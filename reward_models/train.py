@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from reward_models.data import build_dataset, build_grouped_dataset, collate_groups, index_responses
+from reward_models.loss import bradley_terry_loss, pair_metrics
 from reward_models.model import score_texts
 from rlhf.config import PipelineConfig
 from rlhf.generation import generate_texts, stop_token_ids
@@ -107,7 +108,8 @@ def grouped_reward_trainer():
     """TRL's RewardTrainer over prompt groups (InstructGPT, Ouyang et al. 2022): each response is scored
     once per step and all of its prompt's labelled pairs enter the Bradley-Terry loss. K responses cost
     K forward passes instead of K(K-1), and each response takes one gradient step per epoch instead
-    of K-1, which InstructGPT found to overfit. Loss, margin, centring and logged metrics are TRL's."""
+    of K-1, which InstructGPT found to overfit. Loss, margin, centring and logged metrics are TRL's
+    expressions, in `reward_models/loss.py`."""
     from trl import RewardTrainer  # ~5 s to import (transformers' Trainer): only training needs it
 
     class GroupedRewardTrainer(RewardTrainer):
@@ -119,21 +121,14 @@ def grouped_reward_trainer():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             rewards = outputs.logits.squeeze(-1)
             chosen, rejected = rewards[inputs["chosen_index"]], rewards[inputs["rejected_index"]]
-            margin = inputs.get("margin", 0.0)
-            loss = -torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
-            if self.args.center_rewards_coefficient is not None:
-                loss += self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            loss = bradley_terry_loss(chosen, rejected, inputs.get("margin", 0.0), self.args.center_rewards_coefficient)
             if mode == "train":
                 self._total_train_tokens += self.accelerator.gather_for_metrics(
                     inputs["attention_mask"].sum()).sum().item()
             metrics = self._metrics[mode]
             metrics["num_tokens"] = [self._total_train_tokens]
-            with torch.no_grad():
-                for key, value in (("min_reward", rewards.min()), ("mean_reward", rewards.mean()),
-                                   ("max_reward", rewards.max()),
-                                   ("accuracy", (chosen > rejected).float().mean()),
-                                   ("margin", (chosen - rejected).mean())):
-                    metrics[key].append(self.accelerator.gather_for_metrics(value).mean().item())
+            for key, value in pair_metrics(rewards, chosen, rejected).items():
+                metrics[key].append(self.accelerator.gather_for_metrics(value).mean().item())
             return (loss, outputs) if return_outputs else loss
 
     return GroupedRewardTrainer
