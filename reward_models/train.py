@@ -16,10 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
+from reward_models.data import build_dataset, build_grouped_dataset, collate_groups, index_responses
+from reward_models.loss import bradley_terry_loss, pair_metrics
+from reward_models.model import score_texts
 from rlhf.config import PipelineConfig
+from rlhf.generation import generate_texts, stop_token_ids
+from rlhf.models import (cast_parameters, default_dtype, load_causal_lm, load_reward_model, load_tokenizer,
+                         set_training_attention, stage_device)
+from rlhf.prompts import encode_config_prompts, load_prompts
 from rlhf.stages import require_done
-from rlhf.utils import TrainingFault, UserError, atomic_dir, atomic_write_json, check_weights, read_jsonl
+from rlhf.tracking import Tracker
+from rlhf.utils import TrainingFault, atomic_dir, atomic_write_json, check_weights, read_jsonl, set_seed
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -45,26 +54,8 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum().item() / denom) if denom > 0 else float("nan")
 
 
-def index_responses(pairs: list[dict[str, Any]]) -> tuple[list, list[str], list[int], list[int]]:
-    """The distinct (prompt, response) texts of `pairs`, in first-seen order, and each pair's chosen and
-    rejected response as an index into them: every text is then scored once, however many pairs it is in."""
-    index: dict[tuple[str, str], int] = {}
-    prompts, texts, chosen, rejected = [], [], [], []
-    for p in pairs:
-        for text, side in ((p["chosen"], chosen), (p["rejected"], rejected)):
-            key = (repr(p["prompt"]), text)
-            if key not in index:
-                index[key] = len(texts)
-                prompts.append(p["prompt"])
-                texts.append(text)
-            side.append(index[key])
-    return prompts, texts, chosen, rejected
-
-
 def evaluate_pairs(model, tokenizer, pairs: list[dict[str, Any]], max_length: int, batch_size: int = 32) -> dict:
     """Held-out accuracy (vs labels, vs noiseless gold order) and Spearman(RM score, gold score)."""
-    from reward_models.model import score_texts
-
     if not pairs:
         return {}
     prompts, texts, c_idx, r_idx = index_responses(pairs)
@@ -82,7 +73,7 @@ def evaluate_pairs(model, tokenizer, pairs: list[dict[str, Any]], max_length: in
 
 def forward_logs(tracker):
     """A TrainerCallback that forwards RewardTrainer's logs to our Tracker."""
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # ~5 s to import (transformers' Trainer): only training needs it
 
     class ForwardLogs(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -99,10 +90,6 @@ def reference_responses(cfg: PipelineConfig, pairs: list[dict[str, Any]], simula
     if simulated:
         prompts, responses, _, _ = index_responses(pairs)
         return prompts[: max(cfg.reward.normalize_samples, 2)], responses[: max(cfg.reward.normalize_samples, 2)]
-    from rlhf.generation import generate_texts, stop_token_ids
-    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
-    from rlhf.prompts import encode_config_prompts, load_prompts
-
     tok = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split,
                            limit=cfg.reward.normalize_samples)
@@ -117,81 +104,13 @@ def reference_responses(cfg: PipelineConfig, pairs: list[dict[str, Any]], simula
     return enc.prompts, texts
 
 
-def build_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: int, use_margin: bool):
-    """Pre-tokenised pairs (chosen_ids / rejected_ids [/ margin]) in the exact format used for scoring."""
-    import datasets
-
-    from reward_models.model import encode_pairs
-
-    prompts = [p["prompt"] for p in pairs]
-    data = {"chosen_ids": encode_pairs(tokenizer, prompts, [p["chosen"] for p in pairs], max_length),
-            "rejected_ids": encode_pairs(tokenizer, prompts, [p["rejected"] for p in pairs], max_length)}
-    if use_margin:
-        data["margin"] = pair_margins(pairs)
-    return datasets.Dataset.from_dict(data)
-
-
-def pair_margins(pairs: list[dict[str, Any]]) -> list[float]:
-    if any("margin" not in p for p in pairs):
-        raise UserError("reward.use_margin is set but some preference pairs have no margin")
-    return [float(p["margin"]) for p in pairs]
-
-
-def build_grouped_dataset(tokenizer, pairs: list[dict[str, Any]], max_length: int, use_margin: bool):
-    """One row per prompt: its distinct responses as RM token ids (`ids`), and its labelled pairs as
-    indices into them (`chosen`, `rejected` [, `margin`])."""
-    import datasets
-
-    from reward_models.model import encode_pairs
-
-    margins = pair_margins(pairs) if use_margin else [0.0] * len(pairs)
-    prompts, texts, c_idx, r_idx = index_responses(pairs)
-    ids = encode_pairs(tokenizer, prompts, texts, max_length)
-    groups: dict[str, dict[str, list]] = {}
-    local: dict[int, int] = {}  # text index -> position within its prompt's group
-    for pair, c, r, margin in zip(pairs, c_idx, r_idx, margins):
-        g = groups.setdefault(repr(pair["prompt"]), {"ids": [], "chosen": [], "rejected": [], "margin": []})
-        for i in (c, r):
-            if i not in local:
-                local[i] = len(g["ids"])
-                g["ids"].append(ids[i])
-        g["chosen"].append(local[c])
-        g["rejected"].append(local[r])
-        g["margin"].append(margin)
-    rows = list(groups.values())
-    columns = ["ids", "chosen", "rejected"] + (["margin"] if use_margin else [])
-    return datasets.Dataset.from_dict({k: [row[k] for row in rows] for k in columns})
-
-
-def collate_groups(pad_token_id: int):
-    """Batches of prompt groups: all their responses right-padded into one batch, and the pairs as
-    global indices into it."""
-    from reward_models.model import right_pad
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs, chosen, rejected, margin = [], [], [], []
-        for row in rows:
-            offset = len(seqs)
-            seqs.extend(row["ids"])
-            chosen.extend(offset + i for i in row["chosen"])
-            rejected.extend(offset + i for i in row["rejected"])
-            margin.extend(row.get("margin", []))
-        input_ids, attention_mask = right_pad(seqs, pad_token_id)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "chosen_index": torch.tensor(chosen), "rejected_index": torch.tensor(rejected)}
-        if margin:
-            batch["margin"] = torch.tensor(margin, dtype=torch.float)
-        return batch
-
-    return collate
-
-
 def grouped_reward_trainer():
     """TRL's RewardTrainer over prompt groups (InstructGPT, Ouyang et al. 2022): each response is scored
     once per step and all of its prompt's labelled pairs enter the Bradley-Terry loss. K responses cost
     K forward passes instead of K(K-1), and each response takes one gradient step per epoch instead
-    of K-1, which InstructGPT found to overfit. Loss, margin, centring and logged metrics are TRL's."""
-    from trl import RewardTrainer
+    of K-1, which InstructGPT found to overfit. Loss, margin, centring and logged metrics are TRL's
+    expressions, in `reward_models/loss.py`."""
+    from trl import RewardTrainer  # ~5 s to import (transformers' Trainer): only training needs it
 
     class GroupedRewardTrainer(RewardTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -202,21 +121,14 @@ def grouped_reward_trainer():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             rewards = outputs.logits.squeeze(-1)
             chosen, rejected = rewards[inputs["chosen_index"]], rewards[inputs["rejected_index"]]
-            margin = inputs.get("margin", 0.0)
-            loss = -torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
-            if self.args.center_rewards_coefficient is not None:
-                loss += self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            loss = bradley_terry_loss(chosen, rejected, inputs.get("margin", 0.0), self.args.center_rewards_coefficient)
             if mode == "train":
                 self._total_train_tokens += self.accelerator.gather_for_metrics(
                     inputs["attention_mask"].sum()).sum().item()
             metrics = self._metrics[mode]
             metrics["num_tokens"] = [self._total_train_tokens]
-            with torch.no_grad():
-                for key, value in (("min_reward", rewards.min()), ("mean_reward", rewards.mean()),
-                                   ("max_reward", rewards.max()),
-                                   ("accuracy", (chosen > rejected).float().mean()),
-                                   ("margin", (chosen - rejected).mean())):
-                    metrics[key].append(self.accelerator.gather_for_metrics(value).mean().item())
+            for key, value in pair_metrics(rewards, chosen, rejected).items():
+                metrics[key].append(self.accelerator.gather_for_metrics(value).mean().item())
             return (loss, outputs) if return_outputs else loss
 
     return GroupedRewardTrainer
@@ -245,14 +157,7 @@ def checked_loss(trainer_cls, rc):
 def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The reward stage: train, evaluate, normalise and save the reward model to `out/model` (published as
     `<run_dir>/reward/model`)."""
-    from rich.console import Console
-    from trl import RewardConfig, RewardTrainer
-
-    from rlhf.models import (cast_parameters, default_dtype, load_reward_model, load_tokenizer, stage_device,
-                             set_training_attention)
-    from rlhf.tracking import Tracker
-    from rlhf.utils import set_seed
-    from reward_models.model import score_texts
+    from trl import RewardConfig, RewardTrainer  # ~5 s to import (transformers' Trainer): only training needs it
 
     console = Console(stderr=True)
     prefs_dir = require_done(cfg, run_dir, "prefs", "reward")
@@ -271,7 +176,7 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     set_training_attention(model, device)
     peft_config = None
     if rc.lora:
-        from peft import LoraConfig
+        from peft import LoraConfig  # ~4 s to import: only LoRA reward models need it
 
         peft_config = LoraConfig(task_type="SEQ_CLS", r=rc.lora_r, lora_alpha=2 * rc.lora_r,
                                  target_modules="all-linear", lora_dropout=0.0)

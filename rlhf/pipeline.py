@@ -19,7 +19,11 @@ from typing import Callable
 
 from rich.console import Console
 
+from reward_models.prefs import run_prefs
+from reward_models.train import run_reward
 from rlhf.config import PipelineConfig, save_config
+from rlhf.evaluate import run_eval
+from rlhf.ppo import run_ppo
 from rlhf.preflight import preflight
 from rlhf.stages import STAGES, marker_for, require_done, stage_identity, why_not_done, write_marker
 from rlhf.utils import UserError, fsync_dir
@@ -28,19 +32,15 @@ PARTIAL = ".partial"
 console = Console(stderr=True)
 
 
+STAGE_FUNCTIONS: dict[str, Callable[[PipelineConfig, Path, Path], Path]] = {
+    "prefs": run_prefs, "reward": run_reward, "ppo": run_ppo, "eval": run_eval}
+
+
 def stage_function(stage: str) -> Callable[[PipelineConfig, Path, Path], Path]:
     """`run_<stage>(cfg, run_dir, out)`: reads earlier stages' outputs from `run_dir`, writes its own to `out`."""
-    if stage == "prefs":
-        from reward_models.data import run_prefs as fn
-    elif stage == "reward":
-        from reward_models.train import run_reward as fn
-    elif stage == "ppo":
-        from rlhf.ppo import run_ppo as fn
-    elif stage == "eval":
-        from rlhf.evaluate import run_eval as fn
-    else:
+    if stage not in STAGE_FUNCTIONS:
         raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    return fn
+    return STAGE_FUNCTIONS[stage]
 
 
 def work_dir(cfg: PipelineConfig, run_dir: Path, stage: str) -> Path:

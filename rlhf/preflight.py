@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from reward_models.judges import get_judge, parse_reward_spec
+from reward_models.prefs import load_pairs, split_by_prompt
 from rlhf.config import PipelineConfig
 from rlhf.generation import stop_token_ids
 from rlhf.models import ALIASES, TINY_ALIASES, load_tokenizer
@@ -105,7 +106,6 @@ def check_prompt_files(cfg: PipelineConfig, stages: set[str]) -> tuple[list | No
 
 def check_pair_dataset(cfg: PipelineConfig, margins_needed: bool) -> None:
     """The preference dataset of `prefs.source: load` holds usable pairs, enough to hold out a test split."""
-    from reward_models.data import load_pairs, split_by_prompt
     rows = keyed("prefs.dataset", load_rows, cfg.prefs.dataset, cfg.prefs.dataset_split)
     pairs, _ = keyed("prefs.dataset", load_pairs, rows, cfg.prefs.dataset)
     if cfg.prefs.max_pairs > 0:

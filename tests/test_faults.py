@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import reward_models.train
 import rlhf.ppo as ppo
 from rlhf.config import load_config
 from rlhf.pipeline import run_pipeline, work_dir
@@ -159,20 +160,18 @@ def test_reward_learning_rate_1e30_saves_no_reward_model(copy):
 
 
 def test_reward_model_that_cannot_be_normalised(copy, monkeypatch):
-    import reward_models.model
-
-    real = reward_models.model.score_texts
+    real = reward_models.train.score_texts
 
     def nan_scores(*args, **kwargs):
         return real(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(reward_models.model, "score_texts", nan_scores)
+    monkeypatch.setattr(reward_models.train, "score_texts", nan_scores)
     before = digest(copy / "reward" / "model")
     with pytest.raises(TrainingFault, match=r"^reward: the reward model's scores on \d+ reference responses are not "
                                             r"finite .* cannot be normalised"):
         run_pipeline(tiny_cfg(copy, "reward.epochs=0.5"), only="reward")
     assert digest(copy / "reward" / "model") == before
-    monkeypatch.setattr(reward_models.model, "score_texts", real)
+    monkeypatch.setattr(reward_models.train, "score_texts", real)
     cfg = tiny_cfg(copy, "reward.epochs=0.5")
     run_pipeline(cfg, only="reward")  # a later sane run in the same run directory
     assert is_done(cfg, copy, "reward")

@@ -313,7 +313,7 @@ def test_real_stage_function_unknown_stage():
 
 
 # Stages that read a setting of a later section must also be fingerprinted on it: prefs samples with
-# ppo.stop_tokens (reward_models/data.py), and the reward stage normalises scores on responses
+# ppo.stop_tokens (reward_models/prefs.py), and the reward stage normalises scores on responses
 # sampled with ppo.max_new_tokens / ppo.temperature / ppo.stop_tokens (reward_models/train.py).
 @pytest.mark.parametrize("override, first", [
     ("ppo.stop_tokens=['!']", "prefs"),

@@ -1,4 +1,4 @@
-"""reward_models/data.py: normalising dataset rows, simulated annotators, prompt-disjoint splits, the prefs stage."""
+"""reward_models/prefs.py: normalising dataset rows, simulated annotators, prompt-disjoint splits, the prefs stage."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reward_models.data import label_pairs, load_pairs, normalize_pair, sigmoid, simulate_pairs, split_by_prompt, \
+from reward_models.prefs import label_pairs, load_pairs, normalize_pair, sigmoid, simulate_pairs, split_by_prompt, \
     split_implicit_prompt
 from reward_models.judges import get_judge
 from rlhf.config import load_config

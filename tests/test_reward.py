@@ -1,5 +1,6 @@
-"""reward_models/train.py and model.py: a tiny RM learns a separable preference, is normalised and saved as plain
-HF; LoRA RMs are merged; an RM with another tokenizer works through PPO (critic from the policy backbone)."""
+"""reward_models/train.py, data.py and model.py: a tiny RM learns a separable preference, is normalised and
+saved as plain HF; LoRA RMs are merged; an RM with another tokenizer works through PPO (critic from the policy
+backbone)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import reward_models.train as rm_train
+from reward_models.data import build_dataset, build_grouped_dataset, collate_groups
 from reward_models.model import encode_pairs, format_for_rm, score_texts
-from reward_models.train import (build_dataset, build_grouped_dataset, collate_groups, evaluate_pairs,
-                                 grouped_reward_trainer, reference_responses, spearman)
+from reward_models.train import evaluate_pairs, grouped_reward_trainer, reference_responses, spearman
 from rlhf.config import load_config
 from rlhf.models import load_reward_model, load_tokenizer, resolve_model, same_tokenizer
 from rlhf.pipeline import run_pipeline
@@ -295,12 +297,10 @@ def test_spearman_hand_values():
 
 
 def test_evaluate_pairs_hand_values(monkeypatch):
-    import reward_models.model as rm_model
-
     def count_good(model, tokenizer, prompts, responses, max_length=512, batch_size=32, normalize=True):
         return torch.tensor([float(r.split().count("good")) for r in responses])
 
-    monkeypatch.setattr(rm_model, "score_texts", count_good)
+    monkeypatch.setattr(rm_train, "score_texts", count_good)
     pairs = [  # (chosen, rejected, chosen_gold, rejected_gold)
         ("good good", "bad", 2.0, 0.0),  # label right, gold right
         ("bad", "good", 0.0, 1.0),  # a flipped label: RM disagrees with the label, agrees with gold
