@@ -25,9 +25,9 @@ from rlhf.config import PipelineConfig, PPOConfig, PPOSizes, ppo_sizes
 from rlhf.distributed import gather_over_processes, global_mean, sum_over_processes
 from rlhf.generation import stop_token_ids
 from rlhf.models import default_dtype, stage_device
-from rlhf.ppo_models import KeptForward, build_models, sync_sampler
+from rlhf.ppo_models import build_models, sync_sampler
 from rlhf.prompts import encode_config_prompts, load_prompts, prompt_text
-from rlhf.rollout import Rollout, collect_rollout
+from rlhf.rollout import KeptForward, Rollout, collect_rollout
 from rlhf.stages import require_done, stage_identity
 from rlhf.tracking import Tracker
 from rlhf.utils import TrainingFault, UserError, check_weights, fault_context, set_seed
