@@ -13,6 +13,7 @@ import copy
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -30,8 +31,11 @@ def trainable_state(model: PolicyAndValue) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl, update: int, fingerprint: str) -> None:
-    """Trainable weights, optimizer, scheduler, KL controller and RNG states, written atomically."""
+def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, kl_ctl, update: int, fingerprint: str,
+                    keep: int | None = None) -> Path:
+    """`ckpt_dir/step_NNNNN`: trainable weights, optimizer, scheduler, KL controller and RNG states, written
+    atomically; then only the newest `keep` checkpoints are kept."""
+    path = Path(ckpt_dir) / f"step_{update:05d}"
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         rng = {"torch_rng": torch.get_rng_state()}
@@ -42,6 +46,10 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl, update: int
         atomic_write_json(tmp / "trainer_state.json", {
             "update": update, "kl_ctl": kl_ctl.state_dict(), "python_rng": repr(random.getstate()),
             "fingerprint": fingerprint})
+    if keep is not None:
+        for old in sorted(Path(ckpt_dir).glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl) -> int:
@@ -91,26 +99,22 @@ def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
     return None
 
 
-def resume(out: Path, fingerprint: str, model, optimizer, scheduler, kl_ctl, is_main: bool) -> tuple[int, Path | None]:
-    """(updates done, checkpoint) from the newest checkpoint of this config in `out/checkpoints`, with the logs
-    cut back to it; (0, None) and a clean folder (logs, checkpoints, W&B run id gone) when there is none."""
+def resume(out: Path, fingerprint: str, model, optimizer, scheduler, kl_ctl, is_main: bool, total: int) -> int:
+    """The updates done, restored from the newest checkpoint of this config in `out/checkpoints`, with the logs
+    cut back to it; 0 and a clean folder (logs, checkpoints, W&B run id gone) when there is none."""
     ckpt = latest_checkpoint(out / "checkpoints", fingerprint)
     if ckpt is None:
         for stale in (*LOGS, "wandb_run_id"):  # a start from scratch: a new W&B run too
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        return 0, None
+        return 0
     start = load_checkpoint(ckpt, model, optimizer, scheduler, kl_ctl)
     if is_main:  # drop metrics and samples logged after the checkpoint
+        print(f"resuming PPO from {ckpt} (update {start}/{total})", file=sys.stderr)
         for logged in LOGS:
             rows = [r for r in read_jsonl(out / logged) if r["step"] <= start] if (out / logged).exists() else []
             (out / logged).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return start, ckpt
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    return start
 
 
 def save_policy(model: PolicyAndValue, tokenizer, out: Path, merge_lora: bool) -> None:

@@ -20,13 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import ppo_core
-from rlhf.checkpoints import prune_checkpoints, resume, save_checkpoint, save_policy
+from rlhf.checkpoints import resume, save_checkpoint, save_policy
 from rlhf.config import PipelineConfig, PPOConfig, PPOSizes, ppo_sizes
 from rlhf.distributed import gather_over_processes, global_mean, sum_over_processes
 from rlhf.generation import stop_token_ids
 from rlhf.models import default_dtype, stage_device
 from rlhf.ppo_models import build_models, sync_sampler
-from rlhf.prompts import encode_config_prompts, load_prompts, prompt_text
+from rlhf.prompts import EncodedPrompts, encode_config_prompts, load_prompts, prompt_text
 from rlhf.rollout import KeptForward, Rollout, collect_rollout
 from rlhf.stages import require_done, stage_identity
 from rlhf.tracking import Tracker
@@ -39,33 +39,21 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     the newest checkpoint in `out/checkpoints` written for the same config and reward model."""
     pc, out = cfg.ppo, Path(out)
     reward_dir = require_done(cfg, run_dir, "reward", "ppo") / "model"
-    accelerator, dtype = make_accelerator(cfg)
+    accelerator, dtype = start_processes(cfg)
     sizes = ppo_sizes(pc, accelerator.num_processes)
-    set_seed(cfg.run.seed + accelerator.process_index)
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
 
     # 0. data, models, reward, optimiser; resume from the newest checkpoint of this config, if any
     models = build_models(cfg, reward_dir, accelerator.device, dtype)
-    enc = encode_config_prompts(cfg, load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split,
-                                                  cfg.data.max_train_prompts), models.tokenizer)
-    if len(enc.prompts) < pc.batch_size:
-        raise UserError(f"{len(enc.prompts)} training prompts, fewer than ppo.batch_size={pc.batch_size}")
+    enc = training_prompts(cfg, models.tokenizer)
     score_fn = reward_function(cfg, reward_dir, accelerator.device, dtype)
     gold_fn = get_judge(cfg.prefs.judge) if cfg.prefs.judge else None
     rollout_options = rollout_settings(pc, sizes, stop_token_ids(models.tokenizer, pc.stop_tokens))
-    # the fused kernel: one pass over all parameters instead of a loop of small ops (~5x faster on CPU)
-    optimizer = torch.optim.AdamW([p for p in models.model.parameters() if p.requires_grad], lr=pc.learning_rate,
-                                  eps=1e-5, fused=True)
-    scheduler = linear_schedule(optimizer, pc.warmup_steps, sizes.optimizer_steps)
+    optimizer, scheduler = make_optimizer(models.model, pc, sizes)
     model, optimizer = accelerator.prepare(models.model, optimizer)
-    kl_ctl = (ppo_core.AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon) if pc.adaptive_kl
-              else ppo_core.FixedKLController(pc.kl_coef))
+    kl_ctl = kl_controller(pc)
     fingerprint = stage_identity(cfg, run_dir, "ppo")
-    start, ckpt = resume(out, fingerprint, accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl,
-                         accelerator.is_main_process)
-    if ckpt is not None:
-        accelerator.print(f"resuming PPO from {ckpt} (update {start}/{pc.num_updates})")
+    start = resume(out, fingerprint, accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl,
+                   accelerator.is_main_process, pc.num_updates)
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
     schedule = PromptSchedule(len(enc.prompts), pc.batch_size, cfg.run.seed)
 
@@ -76,35 +64,28 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
             sync_sampler(models.sampler, accelerator.unwrap_model(model).policy)
         # 1. this process's prompts, 2. rollout, 3. advantages
         local = schedule.batch(update)[accelerator.process_index * sizes.local_batch_size:][:sizes.local_batch_size]
-        model.eval()
         with accelerator.autocast(), fault_context(where):
             rollout, kept = collect_rollout(model, models.reference, [enc.prompts[i] for i in local],
                                             [enc.input_ids[i] for i in local], models.tokenizer, score_fn, gold_fn,
                                             sampler=models.sampler, **rollout_options)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, reduce=sum_over_processes(accelerator))
-        # 4. PPO update (value only during the critic's warm-up); nothing is saved from diverged weights
-        model.train()
+        # 4. PPO update (value only during the critic's warm-up)
         t_train = time.perf_counter()
         with fault_context(where):
             stats = ppo_update(model, optimizer, scheduler, rollout, pc, sizes, accelerator,
                                train_policy=update >= pc.critic_warmup_updates, first_forward=kept)
-        check_weights([p for p in model.parameters() if p.requires_grad], where, diverged_hint(pc),
-                      gather=gather_over_processes(accelerator))
-        model.eval()
         # 5. log, adapt β, checkpoint
-        timings = {**rollout.timings, "train": time.perf_counter() - t_train}
+        timings = {**rollout.timings, "train": time.perf_counter() - t_train, "update": t0}
         metrics = update_metrics(rollout, stats, timings, kl_ctl.value, scheduler.get_last_lr()[0], update, pc,
                                  accelerator)
         kl_ctl.update(metrics["objective/kl"], pc.batch_size)
-        metrics["time/update"] = time.perf_counter() - t0
         tracker.log(metrics, step=update + 1)
         if (update + 1) % pc.sample_every == 0 or update == 0:
             tracker.log_table("samples", sample_rows(rollout), step=update + 1)
         if (update + 1) % pc.save_every == 0 or update + 1 == pc.num_updates:
             if accelerator.is_main_process:
-                save_checkpoint(out / "checkpoints" / f"step_{update + 1:05d}", accelerator.unwrap_model(model),
-                                optimizer, scheduler, kl_ctl, update + 1, fingerprint)
-                prune_checkpoints(out / "checkpoints", pc.keep_checkpoints)
+                save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl,
+                                update + 1, fingerprint, keep=pc.keep_checkpoints)
             accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -118,21 +99,44 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
 # the stage's setup
 
 
-def make_accelerator(cfg: PipelineConfig):
-    """(Accelerator, dtype): the device the config asks for, bf16 autocast where `model.dtype` resolves to bf16."""
+def start_processes(cfg: PipelineConfig):
+    """(Accelerator, dtype) of this process, seeded: the device the config asks for, bf16 autocast where
+    `model.dtype` resolves to bf16, each process its own random stream (seed + process index)."""
     from accelerate import Accelerator  # accelerate takes ~1 s to import: only the training stages need it
 
     dtype = default_dtype(cfg.model.dtype, stage_device(cfg))
     accelerator = Accelerator(cpu=stage_device(cfg) == "cpu",
                               gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    set_seed(cfg.run.seed + accelerator.process_index)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
     return accelerator, dtype
 
 
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+def training_prompts(cfg: PipelineConfig, tokenizer) -> EncodedPrompts:
+    """The encoded training prompts, at least one batch of them."""
+    prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split, cfg.data.max_train_prompts)
+    enc = encode_config_prompts(cfg, prompts, tokenizer)
+    if len(enc.prompts) < cfg.ppo.batch_size:
+        raise UserError(f"{len(enc.prompts)} training prompts, fewer than ppo.batch_size={cfg.ppo.batch_size}")
+    return enc
+
+
+def make_optimizer(model, pc: PPOConfig, sizes: PPOSizes):
+    """AdamW over the trainable weights and its linear schedule (warm-up, then decay to 0 at the last step)."""
     from transformers import get_linear_schedule_with_warmup  # transformers: only the training stages need it
 
-    return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    # the fused kernel: one pass over all parameters instead of a loop of small ops (~5x faster on CPU)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pc.learning_rate,
+                                  eps=1e-5, fused=True)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, pc.warmup_steps, sizes.optimizer_steps)
+
+
+def kl_controller(pc: PPOConfig):
+    if pc.adaptive_kl:
+        return ppo_core.AdaptiveKLController(pc.kl_coef, pc.target_kl, pc.kl_horizon)
+    return ppo_core.FixedKLController(pc.kl_coef)
 
 
 def rollout_settings(pc: PPOConfig, sizes: PPOSizes, stop_ids: list[int]) -> dict[str, Any]:
@@ -209,10 +213,12 @@ def diverged_hint(pc) -> str:
 
 def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accelerator, train_policy: bool = True,
                first_forward: KeptForward | None = None) -> dict[str, float]:
-    """PPO epochs × mini-batches × gradient accumulation over one rollout (detail 7).
+    """PPO epochs × mini-batches × gradient accumulation over one rollout (detail 7), then a check of the
+    weights (nothing is saved from diverged ones); the model is left in eval mode, as it samples.
 
     `first_forward`: the rollout's forward over the whole batch at the current weights (`collect_rollout(
     keep_forward=True)`); the first epoch's single micro-batch starts from it instead of computing it again."""
+    model.train()
     stats: dict[str, list[float]] = {}
     B = rollout.queries.shape[0]
     if first_forward is not None and sizes.micro_batch_size < B:
@@ -260,6 +266,9 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                                    ("val/error", vf_stats["error"])):
                     stats.setdefault(key, []).append(value.item())
                 del logits, values
+    check_weights([p for p in model.parameters() if p.requires_grad], None, diverged_hint(cfg),
+                  gather=gather_over_processes(accelerator))
+    model.eval()
     return {f"{k}_avg" if not k.startswith("val/error") else k: sum(v) / len(v) for k, v in stats.items()}
 
 
@@ -297,10 +306,12 @@ def rollout_metrics(rollout: Rollout, kl_coef: float, accelerator) -> dict[str, 
 
 def update_metrics(rollout: Rollout, stats: dict[str, float], timings: dict[str, float], kl_coef: float, lr: float,
                    update: int, pc: PPOConfig, accelerator) -> dict[str, float]:
-    """The row of `metrics.jsonl` for one update (averaged over processes), but its total time."""
+    """The row of `metrics.jsonl` for one update, averaged over processes; `timings` holds the seconds of each
+    phase and, as "update", the `perf_counter` at the update's start."""
     metrics = rollout_metrics(rollout, kl_coef, accelerator)
     metrics.update({k: global_mean(v, accelerator) for k, v in stats.items()})
-    metrics.update({f"time/{k}": v for k, v in timings.items()})
+    metrics.update({f"time/{k}": v for k, v in timings.items() if k != "update"})
     metrics.update({"lr": lr, "episodes": (update + 1) * pc.batch_size,
+                    "time/update": time.perf_counter() - timings["update"],
                     "tokens_per_second": metrics["val/response_length"] * pc.batch_size / timings["generate"]})
     return metrics

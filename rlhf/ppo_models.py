@@ -160,7 +160,8 @@ def build_models(cfg, reward_dir: Path, device, dtype) -> PPOModels:
         else:  # the RM reads another vocabulary: start the critic from the policy's own backbone
             critic = load_reward_model(cfg.model.policy, torch.float32, cfg.model.trust_remote_code,
                                        cfg.reward.num_layers)
-    model = PolicyAndValue(policy, critic).to(device)  # records the attention the policy samples with
+    # eval mode, as it samples (ppo_update trains in train mode); records the attention the policy samples with
+    model = PolicyAndValue(policy, critic).to(device).eval()
     for trained in (policy, critic):
         if trained is not None:
             set_training_attention(trained, device)

@@ -59,8 +59,9 @@ def warn(message: str) -> None:
     print(f"rlhf: warning: {message}", file=sys.stderr)
 
 
-def check_weights(parameters: Iterable[Any], where: str, hint: str, limit: float = 1e4, gather=None) -> None:
-    """Raise a TrainingFault when a weight is not finite or larger than `limit` in magnitude.
+def check_weights(parameters: Iterable[Any], where: str | None, hint: str, limit: float = 1e4, gather=None) -> None:
+    """Raise a TrainingFault when a weight is not finite or larger than `limit` in magnitude (its message begins
+    with `where`, unless None: a `fault_context` around the call names the place).
 
     Trained LM weights are O(1); one at 1e4 means the optimiser diverged (a learning rate of 1e30 takes every
     weight to ~1e30 in one Adam step, still finite in fp32). `gather` maps this process's largest magnitude to
@@ -73,10 +74,11 @@ def check_weights(parameters: Iterable[Any], where: str, hint: str, limit: float
         if gather is not None:
             worst = gather(worst.reshape(1)).max()
         worst = worst.item()
+    prefix = f"{where}: " if where is not None else ""
     if not math.isfinite(worst):
-        raise TrainingFault(f"{where}: weights are {worst} (not finite): {hint}")
+        raise TrainingFault(f"{prefix}weights are {worst} (not finite): {hint}")
     if worst > limit:
-        raise TrainingFault(f"{where}: weights exploded (largest |w| = {worst:.3g} > {limit:g}): {hint}")
+        raise TrainingFault(f"{prefix}weights exploded (largest |w| = {worst:.3g} > {limit:g}): {hint}")
 
 
 def keep_freed_memory() -> bool:

@@ -4,6 +4,7 @@ the CLI imports the orchestrator."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -82,3 +83,10 @@ def test_project_imports_are_at_the_top_of_each_module():
     """A module's structure shows in its first lines. The CLI alone imports lazily, so that `rlhf --help` and a
     mistyped config answer without loading torch."""
     assert [where for where in function_level_project_imports() if not where.startswith("rlhf.cli:")] == []
+
+
+def test_every_module_imports():
+    """An import of a name a module does not define fails here, not in the middle of a stage."""
+    for package in PACKAGES:
+        for path in sorted((PROJECT_ROOT / package).glob("*.py")):
+            importlib.import_module(f"{package}.{path.stem}")
