@@ -132,6 +132,16 @@ def check_inspect(command: str, ctx: Context) -> None:
     assert shown and rows[shown[0]]["gold_diff"] == max(r["gold_diff"] for r in rows), proc.stdout[:2000]
 
 
+def check_memory_plan(command: str, ctx: Context) -> None:
+    """As written (without `ctx.shell`, which would build the tiny run it does not need); every row it
+    prints is in the README's table."""
+    proc = subprocess.run(command.replace(".venv/bin/", f"{BIN}/"), shell=True, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| Qwen2.5-")]
+    assert rows and all(row in README.read_text() for row in rows), proc.stdout
+
+
 def check_report_exists(command: str, ctx: Context) -> None:
     path = ctx.run_dir / shlex.split(command)[-1].removeprefix("runs/default/")
     assert path.is_file() and path.read_text().startswith("<!DOCTYPE html>"), path
@@ -226,6 +236,8 @@ COMMANDS = [
     Rule(r"\.venv/bin/accelerate launch --num_processes 2 .*", "needs 2 GPUs"),
     Rule(r"\.venv/bin/torchrun --nproc_per_node 2 -m rlhf\.cli ppo configs/tiny\.yaml",
          "two CPU processes over gloo: tests/test_ppo.py::test_two_cpu_processes runs the same command"),
+    Rule(r"\.venv/bin/python benchmarks/memory_plan\.py --gpus 8", "as written, its table against the README's",
+         check_memory_plan),
     Rule(r"python -m venv \.peer-venv", "the peer's venv (TRL 1.12 and a second torch, downloaded)"),
     Rule(r"\.peer-venv/bin/pip install .*", "the peer's venv (TRL 1.12 and a second torch, downloaded)"),
     Rule(r"bash benchmarks/side_by_side\.sh .*", "needs the peer's venv, and tens of minutes"),
