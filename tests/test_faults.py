@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import reward_models.train
-import rlhf.ppo as ppo
+from rlhf import checkpoints
 from rlhf.config import load_config
 from rlhf.pipeline import run_pipeline, work_dir
 from rlhf.stages import MARKER, is_done
@@ -202,8 +202,8 @@ def test_resume_skips_a_damaged_checkpoint_and_a_torn_log_line(upstream, tmp_pat
     capsys.readouterr()
 
     loaded = []
-    real_load = ppo.load_checkpoint
-    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
+    real_load = checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
     run_pipeline(cfg, only="ppo")
     err = capsys.readouterr().err
     assert loaded == ["step_00001"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import rlhf.ppo as ppo
+from rlhf import checkpoints
 from rlhf.config import load_config
 from rlhf.pipeline import PARTIAL, run_pipeline
 from rlhf.stages import STAGES, is_done, read_marker
@@ -58,7 +58,7 @@ def test_force_recomputes_every_stage_and_replaces_its_logs(finished, tmp_path, 
             "eval/metrics.jsonl", "eval/samples.jsonl")
     before = {name: read_jsonl(run_dir / name) for name in logs}
     loaded = []
-    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, *a: loaded.append(path))
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path, *a: loaded.append(path))
     run_pipeline(cfg_for(run_dir), force=True)
     after = {name: read_jsonl(run_dir / name) for name in logs}
     assert loaded == []
@@ -84,8 +84,8 @@ def test_a_setting_of_no_effect_does_not_stop_a_killed_ppo_run_from_resuming(fin
     with killed_at_update(5):
         run_pipeline(cfg)
     loaded = []
-    real_load = ppo.load_checkpoint
-    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
+    real_load = checkpoints.load_checkpoint
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path, *a: loaded.append(Path(path).name) or real_load(path, *a))
     run_pipeline(cfg_for(run_dir, "ppo.kl_coef=0.1", "ppo.sample_every=1", "ppo.keep_checkpoints=3"))
     assert loaded == ["step_00003"]
     assert [r["step"] for r in read_jsonl(run_dir / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
