@@ -5,7 +5,7 @@ and FSDP2, with full fine-tuning and with LoRA, from parameter counts alone.
     python benchmarks/memory_plan.py --gpus 2
     python benchmarks/memory_plan.py --check-smollm2   # compare with the RSS measured on this CPU
 
-What exists at PPO time (rlhf.ppo.build_models and the reward stage's scorer):
+What exists at PPO time (rlhf.ppo_models.build_models and the reward stage's scorer):
 - full fine-tuning: the policy (trained), a frozen reference copy, a generation copy (the "sampler",
   refreshed after every update), the critic (trained, initialised from the reward model) and the
   frozen reward model;
@@ -145,7 +145,7 @@ def check_smollm2() -> None:
 
     from rlhf.config import load_config
     from rlhf.models import default_dtype, load_reward_model, load_tokenizer
-    from rlhf.ppo import build_models
+    from rlhf.ppo_models import build_models
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -160,7 +160,8 @@ def check_smollm2() -> None:
         load_tokenizer(cfg.model.policy).save_pretrained(reward_dir)
         del rm
         before = rss()
-        model, ref, sampler, _ = build_models(cfg, Path(reward_dir), torch.device("cpu"), dtype)
+        built = build_models(cfg, Path(reward_dir), torch.device("cpu"), dtype)
+        model, sampler = built.model, built.sampler
         loaded = rss() - before
         with torch.no_grad():  # weights mapped from the safetensors files count once read, as a forward would
             for p in [*model.parameters(), *sampler.parameters()]:
