@@ -22,13 +22,14 @@ from reward_models.data import build_dataset, build_grouped_dataset, collate_gro
 from reward_models.loss import bradley_terry_loss, pair_metrics
 from reward_models.model import score_texts
 from rlhf.config import PipelineConfig
+from rlhf.distributed import describe
 from rlhf.generation import generate_texts, stop_token_ids
 from rlhf.models import (cast_parameters, default_dtype, load_causal_lm, load_reward_model, load_tokenizer,
                          set_training_attention, stage_device)
 from rlhf.prompts import encode_config_prompts, load_prompts
 from rlhf.stages import require_done
 from rlhf.tracking import Tracker
-from rlhf.utils import TrainingFault, atomic_dir, atomic_write_json, check_weights, read_jsonl, set_seed
+from rlhf.utils import TrainingFault, UserError, atomic_dir, atomic_write_json, check_weights, read_jsonl, set_seed
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -157,6 +158,7 @@ def checked_loss(trainer_cls, rc):
 def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The reward stage: train, evaluate, normalise and save the reward model to `out/model` (published as
     `<run_dir>/reward/model`)."""
+    from accelerate import PartialState  # accelerate: only the training stages need it
     from trl import RewardConfig, RewardTrainer  # ~5 s to import (transformers' Trainer): only training needs it
 
     console = Console(stderr=True)
@@ -186,10 +188,16 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     else:
         train_ds = build_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
         trainer_cls, collator = checked_loss(RewardTrainer, rc), None
-    tracker = Tracker(cfg, "reward", out)
+    # several processes (accelerate launch): each takes a share of every batch (cpu=True: gloo over CPU processes)
+    state = PartialState(cpu=device == "cpu")
+    is_main, per_process = state.is_main_process, rc.batch_size // state.num_processes
+    if per_process * state.num_processes != rc.batch_size:
+        raise UserError(f"reward.batch_size={rc.batch_size} must be divisible by the number of processes "
+                        f"({state.num_processes})")
+    tracker = Tracker(cfg, "reward", out, enabled=is_main)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         args = RewardConfig(
-            output_dir=tmp, per_device_train_batch_size=rc.batch_size,
+            output_dir=tmp, per_device_train_batch_size=per_process,
             gradient_accumulation_steps=rc.gradient_accumulation_steps, num_train_epochs=rc.epochs,
             learning_rate=rc.learning_rate, lr_scheduler_type="linear", warmup_steps=0.05, logging_steps=5,
             save_strategy="no", report_to="none", max_length=None,
@@ -199,8 +207,12 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         )
         trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                               data_collator=collator, peft_config=peft_config, callbacks=[forward_logs(tracker)])
+        if is_main:
+            console.print(describe(trainer.accelerator, "reward", dtype))
         trainer.train()
-        model = trainer.model
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    if not is_main:  # the trained weights are the same in every process: the first one evaluates and saves them
+        return out / "model"
     if rc.lora:
         model = model.merge_and_unload()
     model.eval()

@@ -1,26 +1,26 @@
 """PPO checkpoints: what a killed run resumes from, and the final policy folder.
 
 A checkpoint `checkpoints/step_NNNNN/` holds the trainable weights (`trainable.safetensors`), the
-optimiser, scheduler and RNG states (`state.pt`) and `trainer_state.json` (update, KL controller, Python
-RNG, and the fingerprint of the config it belongs to). Each is written to a temporary folder and renamed,
+optimiser and scheduler states and every process's random streams (`state.pt`), and `trainer_state.json`
+(update, KL controller, and the fingerprint of the config it belongs to). Each is written to a temporary folder and renamed,
 so a checkpoint either exists whole or not at all.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rlhf.models import load_causal_lm
+from rlhf.distributed import set_rng_state
 from rlhf.ppo_models import PolicyAndValue, add_lora
 from rlhf.utils import atomic_dir, atomic_write_json, read_jsonl, warn
 
@@ -32,28 +32,28 @@ def trainable_state(model: PolicyAndValue) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, kl_ctl, update: int, fingerprint: str,
-                    keep: int | None = None) -> Path:
-    """`ckpt_dir/step_NNNNN`: trainable weights, optimizer, scheduler, KL controller and RNG states, written
-    atomically; then only the newest `keep` checkpoints are kept."""
+                    rng_states: list[dict[str, Any]], keep: int | None = None) -> Path:
+    """`ckpt_dir/step_NNNNN`: trainable weights, optimizer, scheduler, KL controller and the random streams of
+    every process (`rlhf.distributed.gather_rng_states`), written atomically; then only the newest `keep`
+    checkpoints are kept."""
     path = Path(ckpt_dir) / f"step_{update:05d}"
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        rng = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the GPU's stream: sampling on cuda
-            rng["cuda_rng"] = torch.cuda.get_rng_state()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
                    tmp / "state.pt")
         atomic_write_json(tmp / "trainer_state.json", {
-            "update": update, "kl_ctl": kl_ctl.state_dict(), "python_rng": repr(random.getstate()),
-            "fingerprint": fingerprint})
+            "update": update, "kl_ctl": kl_ctl.state_dict(), "processes": len(rng_states), "fingerprint": fingerprint})
     if keep is not None:
         for old in sorted(Path(ckpt_dir).glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl) -> int:
-    """Restore a checkpoint written by `save_checkpoint`; returns the number of updates done."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl, process_index: int = 0,
+                    num_processes: int = 1) -> int:
+    """Restore a checkpoint written by `save_checkpoint`, this process's random streams included; returns the
+    number of updates done. Saved by another number of processes, the streams are not restored (with a warning):
+    the run goes on, but no longer draws what an uninterrupted one would."""
     state = json.loads((path / "trainer_state.json").read_text())
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(trainable_state(model)) - set(weights)
@@ -63,10 +63,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, kl_ctl) -> int:
     extra = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    if "cuda_rng" in extra and torch.cuda.is_available():
-        torch.cuda.set_rng_state(extra["cuda_rng"])
-    random.setstate(ast.literal_eval(state["python_rng"]))
+    if len(extra["rng"]) == num_processes:
+        set_rng_state(extra["rng"][process_index])
+    elif process_index == 0:
+        warn(f"checkpoint {path} was saved by {len(extra['rng'])} processes and is resumed by {num_processes}: "
+             f"the random streams start afresh, so the run no longer draws what an uninterrupted one would")
     kl_ctl.load_state_dict(state["kl_ctl"])
     return int(state["update"])
 
@@ -99,7 +100,8 @@ def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
     return None
 
 
-def resume(out: Path, fingerprint: str, model, optimizer, scheduler, kl_ctl, is_main: bool, total: int) -> int:
+def resume(out: Path, fingerprint: str, model, optimizer, scheduler, kl_ctl, total: int, process_index: int = 0,
+           num_processes: int = 1) -> int:
     """The updates done, restored from the newest checkpoint of this config in `out/checkpoints`, with the logs
     cut back to it; 0 and a clean folder (logs, checkpoints, W&B run id gone) when there is none."""
     ckpt = latest_checkpoint(out / "checkpoints", fingerprint)
@@ -108,8 +110,8 @@ def resume(out: Path, fingerprint: str, model, optimizer, scheduler, kl_ctl, is_
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return 0
-    start = load_checkpoint(ckpt, model, optimizer, scheduler, kl_ctl)
-    if is_main:  # drop metrics and samples logged after the checkpoint
+    start = load_checkpoint(ckpt, model, optimizer, scheduler, kl_ctl, process_index, num_processes)
+    if process_index == 0:  # drop metrics and samples logged after the checkpoint
         print(f"resuming PPO from {ckpt} (update {start}/{total})", file=sys.stderr)
         for logged in LOGS:
             rows = [r for r in read_jsonl(out / logged) if r["step"] <= start] if (out / logged).exists() else []

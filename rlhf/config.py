@@ -146,7 +146,8 @@ class RewardConfig:
     learning_rate: float = 5e-5
     """Peak learning rate (linear decay)."""
     batch_size: int = 16
-    """Per optimisation step: prompts when `group_by_prompt` (each with all its responses and pairs), else pairs."""
+    """Per optimisation step: prompts when `group_by_prompt` (each with all its responses and pairs), else pairs;
+    over all processes together (each takes batch_size / processes)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per step."""
     group_by_prompt: bool = True

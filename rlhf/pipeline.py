@@ -14,14 +14,17 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
+import torch.distributed as dist
 from rich.console import Console
 
 from reward_models.prefs import run_prefs
 from reward_models.train import run_reward
 from rlhf.config import PipelineConfig, save_config
+from rlhf.models import stage_device
 from rlhf.evaluate import run_eval
 from rlhf.ppo import run_ppo
 from rlhf.preflight import preflight
@@ -29,6 +32,7 @@ from rlhf.stages import STAGES, marker_for, require_done, stage_identity, why_no
 from rlhf.utils import UserError, fsync_dir
 
 PARTIAL = ".partial"
+MAIN_ONLY = ("prefs", "eval")  # stages that train nothing: with several processes, the main one runs them
 console = Console(stderr=True)
 
 
@@ -81,10 +85,18 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def barrier() -> None:
-    """Wait for every process, once a stage has started the process group (a single process: no-op)."""
-    import torch.distributed as dist
+def start_process_group(cfg: PipelineConfig) -> None:
+    """Join the launch's process group before the first stage, when there are several processes (`torchrun`,
+    `accelerate launch`): the processes wait for each other between stages. The long timeout lets the others
+    wait while the main process alone builds the preference pairs or evaluates (`MAIN_ONLY`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState  # accelerate: only launches of several processes need it here
 
+        PartialState(cpu=stage_device(cfg) == "cpu", timeout=timedelta(hours=24))
+
+
+def barrier() -> None:
+    """Wait for every process (a single process: no-op)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -105,6 +117,7 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
     for stage in STAGES[: STAGES.index(selected[0])]:  # before the up-front checks, which may load a tokenizer
         require_done(cfg, run_dir, stage, selected[0])
     preflight(cfg, selected)  # everything the selected stages will read, before any expensive work
+    start_process_group(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     outputs: dict[str, Path] = {}
@@ -123,7 +136,10 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
             work.mkdir(parents=True)
         barrier()
         t0 = time.time()
-        out = Path(stage_function(stage)(cfg, run_dir, work))
+        if stage in MAIN_ONLY and not is_main_process():
+            out = work  # the main process runs it; the others wait at the barrier below
+        else:
+            out = Path(stage_function(stage)(cfg, run_dir, work))
         if is_main_process():
             write_marker(work, marker_for(cfg, run_dir, stage, time.time() - t0))
             publish(work, run_dir, stage)

@@ -12,6 +12,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 from rlhf import ppo_core
 from rlhf.checkpoints import resume, save_checkpoint, save_policy
 from rlhf.config import PipelineConfig, PPOConfig, PPOSizes, ppo_sizes
-from rlhf.distributed import gather_over_processes, global_mean, sum_over_processes
+from rlhf.distributed import (describe, gather_over_processes, gather_rng_states, global_mean, single_process_warning,
+                              sum_over_processes)
 from rlhf.generation import stop_token_ids
 from rlhf.models import default_dtype, stage_device
 from rlhf.ppo_models import build_models, sync_sampler
@@ -30,7 +32,7 @@ from rlhf.prompts import EncodedPrompts, encode_config_prompts, load_prompts, pr
 from rlhf.rollout import KeptForward, Rollout, collect_rollout
 from rlhf.stages import require_done, stage_identity
 from rlhf.tracking import Tracker
-from rlhf.utils import TrainingFault, UserError, check_weights, fault_context, set_seed
+from rlhf.utils import TrainingFault, UserError, check_weights, fault_context, set_seed, warn
 from reward_models.judges import get_judge, reward_function
 
 
@@ -39,7 +41,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     the newest checkpoint in `out/checkpoints` written for the same config and reward model."""
     pc, out = cfg.ppo, Path(out)
     reward_dir = require_done(cfg, run_dir, "reward", "ppo") / "model"
-    accelerator, dtype = start_processes(cfg)
+    accelerator, dtype = start_processes(cfg, "ppo")
     sizes = ppo_sizes(pc, accelerator.num_processes)
 
     # 0. data, models, reward, optimiser; resume from the newest checkpoint of this config, if any
@@ -52,8 +54,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     model, optimizer = accelerator.prepare(models.model, optimizer)
     kl_ctl = kl_controller(pc)
     fingerprint = stage_identity(cfg, run_dir, "ppo")
-    start = resume(out, fingerprint, accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl,
-                   accelerator.is_main_process, pc.num_updates)
+    start = resume(out, fingerprint, accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl, pc.num_updates,
+                   accelerator.process_index, accelerator.num_processes)
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
     schedule = PromptSchedule(len(enc.prompts), pc.batch_size, cfg.run.seed)
 
@@ -83,9 +85,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         if (update + 1) % pc.sample_every == 0 or update == 0:
             tracker.log_table("samples", sample_rows(rollout), step=update + 1)
         if (update + 1) % pc.save_every == 0 or update + 1 == pc.num_updates:
+            rng_states = gather_rng_states(accelerator)
             if accelerator.is_main_process:
                 save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl,
-                                update + 1, fingerprint, keep=pc.keep_checkpoints)
+                                update + 1, fingerprint, rng_states, keep=pc.keep_checkpoints)
             accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -99,9 +102,11 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
 # the stage's setup
 
 
-def start_processes(cfg: PipelineConfig):
+def start_processes(cfg: PipelineConfig, stage: str):
     """(Accelerator, dtype) of this process, seeded: the device the config asks for, bf16 autocast where
-    `model.dtype` resolves to bf16, each process its own random stream (seed + process index)."""
+    `model.dtype` resolves to bf16, each process its own random stream (seed + process index). The main
+    process says how the stage runs (engine, processes, machines) and warns of a launch that started one
+    process where several were likely meant."""
     from accelerate import Accelerator  # accelerate takes ~1 s to import: only the training stages need it
 
     dtype = default_dtype(cfg.model.dtype, stage_device(cfg))
@@ -111,6 +116,10 @@ def start_processes(cfg: PipelineConfig):
     set_seed(cfg.run.seed + accelerator.process_index)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    if accelerator.is_main_process:
+        print(describe(accelerator, stage, dtype), file=sys.stderr)
+        if single_process_warning(accelerator):
+            warn(single_process_warning(accelerator))
     return accelerator, dtype
 
 
@@ -311,7 +320,7 @@ def update_metrics(rollout: Rollout, stats: dict[str, float], timings: dict[str,
     metrics = rollout_metrics(rollout, kl_coef, accelerator)
     metrics.update({k: global_mean(v, accelerator) for k, v in stats.items()})
     metrics.update({f"time/{k}": v for k, v in timings.items() if k != "update"})
-    metrics.update({"lr": lr, "episodes": (update + 1) * pc.batch_size,
+    metrics.update({"lr": lr, "episodes": (update + 1) * pc.batch_size, "dist/num_processes": accelerator.num_processes,
                     "time/update": time.perf_counter() - timings["update"],
                     "tokens_per_second": metrics["val/response_length"] * pc.batch_size / timings["generate"]})
     return metrics

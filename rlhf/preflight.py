@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from reward_models.judges import get_judge, parse_reward_spec
 from reward_models.prefs import load_pairs, split_by_prompt
-from rlhf.config import PipelineConfig
+from rlhf.config import PipelineConfig, ppo_sizes
 from rlhf.generation import stop_token_ids
 from rlhf.models import ALIASES, TINY_ALIASES, load_tokenizer
 from rlhf.prompts import encode_config_prompts, load_prompts, load_rows
@@ -47,6 +47,7 @@ def preflight(cfg: PipelineConfig, stages: Iterable[str], check_output_dir: bool
     if check_output_dir:
         check_run_dir(Path(cfg.run.output_dir))
     check_judges(cfg, stages)
+    check_process_split(cfg, stages, int(os.environ.get("WORLD_SIZE", "1")))
     train, held_out = check_prompt_files(cfg, stages)
     if "prefs" in stages and cfg.prefs.source == "load":
         check_pair_dataset(cfg, "reward" in stages)
@@ -66,6 +67,15 @@ def check_run_dir(path: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"run.output_dir={path}: cannot write in {existing.resolve()} (permission denied); "
                         f"choose another run.output_dir")
+
+
+def check_process_split(cfg: PipelineConfig, stages: set[str], num_processes: int) -> None:
+    """The batches of the training stages divide evenly among the processes of this launch."""
+    if "ppo" in stages:
+        ppo_sizes(cfg.ppo, num_processes)  # a ConfigError naming the setting
+    if "reward" in stages and cfg.reward.batch_size % num_processes:
+        raise UserError(f"reward.batch_size={cfg.reward.batch_size} must be divisible by the number of processes "
+                        f"({num_processes})")
 
 
 def check_judges(cfg: PipelineConfig, stages: set[str]) -> None:

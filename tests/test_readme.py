@@ -132,6 +132,16 @@ def check_inspect(command: str, ctx: Context) -> None:
     assert shown and rows[shown[0]]["gold_diff"] == max(r["gold_diff"] for r in rows), proc.stdout[:2000]
 
 
+def check_memory_plan(command: str, ctx: Context) -> None:
+    """As written (without `ctx.shell`, which would build the tiny run it does not need); every row it
+    prints is in the README's table."""
+    proc = subprocess.run(command.replace(".venv/bin/", f"{BIN}/"), shell=True, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| Qwen2.5-")]
+    assert rows and all(row in README.read_text() for row in rows), proc.stdout
+
+
 def check_report_exists(command: str, ctx: Context) -> None:
     path = ctx.run_dir / shlex.split(command)[-1].removeprefix("runs/default/")
     assert path.is_file() and path.read_text().startswith("<!DOCTYPE html>"), path
@@ -223,9 +233,16 @@ COMMANDS = [
          "tiny run either way", check_nbconvert),
     Rule(r"\.venv/bin/wandb sync runs/<name>/wandb/offline-\*", "needs the W&B service and an account: "
          "`wandb sync --help` instead", check_wandb_sync),
-    Rule(r"\.venv/bin/accelerate launch --num_processes 2 .*", "needs 2 GPUs"),
+    Rule(r"\.venv/bin/accelerate launch --config_file configs/accelerate/ddp\.yaml -m rlhf\.cli run configs/default\.yaml",
+         "needs 8 GPUs: the config loads in tests/test_launch_configs.py, and the same launch runs on 2 CPU "
+         "processes in tests/test_distributed.py"),
+    Rule(r"ACCELERATE_USE_CPU=1 \.venv/bin/accelerate launch --config_file configs/accelerate/ddp\.yaml "
+         r"--num_processes 2 --mixed_precision no -m rlhf\.cli ppo configs/tiny\.yaml",
+         "tests/test_distributed.py launches the same command (tests/distributed_launch.py) on a copy of a tiny run"),
     Rule(r"\.venv/bin/torchrun --nproc_per_node 2 -m rlhf\.cli ppo configs/tiny\.yaml",
          "two CPU processes over gloo: tests/test_ppo.py::test_two_cpu_processes runs the same command"),
+    Rule(r"\.venv/bin/python benchmarks/memory_plan\.py --gpus 8", "as written, its table against the README's",
+         check_memory_plan),
     Rule(r"python -m venv \.peer-venv", "the peer's venv (TRL 1.12 and a second torch, downloaded)"),
     Rule(r"\.peer-venv/bin/pip install .*", "the peer's venv (TRL 1.12 and a second torch, downloaded)"),
     Rule(r"bash benchmarks/side_by_side\.sh .*", "needs the peer's venv, and tens of minutes"),

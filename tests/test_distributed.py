@@ -1,0 +1,173 @@
+"""PPO on several CPU processes through `accelerate launch` with the shipped engine configs (gloo).
+
+Each launch starts real processes (the tests assert two); `kill -9` of a 2-process run and the same
+command again reach the metrics and weights of an uninterrupted 2-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distributed_launch import PROJECT_ROOT, cpu_launch, free_port
+from rlhf.config import load_config
+from rlhf.distributed import describe, single_process_warning
+from rlhf.pipeline import run_pipeline, work_dir
+from rlhf.utils import read_jsonl
+
+TINY = str(PROJECT_ROOT / "configs" / "tiny.yaml")
+BASE = ["tracking.wandb=off", "run.device=cpu", "ppo.reward=keyword:good"]
+PPO = ["ppo.num_updates=6", "ppo.save_every=2", "ppo.batch_size=16", "ppo.mini_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """A finished prefs and reward stage of the tiny config (one process), copied by each test."""
+    run_dir = tmp_path_factory.mktemp("dist-upstream") / "run"
+    cfg = load_config(TINY, [f"run.output_dir={run_dir}", *BASE, *PPO, "prefs.num_prompts=64", "reward.epochs=1"])
+    run_pipeline(cfg, only="prefs")
+    run_pipeline(cfg, only="reward")
+    return run_dir
+
+
+def ppo_command(engine: str, run_dir: Path, tmp_path: Path, command: str = "ppo", extra: tuple[str, ...] = (),
+                **launch) -> tuple[list[str], dict[str, str], list[str]]:
+    overrides = [f"run.output_dir={run_dir}", *BASE, *PPO, "prefs.num_prompts=64", "reward.epochs=1", *extra]
+    argv, env = cpu_launch(engine, ["-m", "rlhf.cli", command, TINY, *overrides], tmp_path, **launch)
+    return argv, env, overrides
+
+
+def run(argv, env, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def copy_run(upstream: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(upstream, dest)
+    return dest
+
+
+def kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line holds `marker`, as `pkill -9 -f` would."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass  # gone meanwhile
+
+
+def test_ddp_two_processes_and_exact_resume_after_kill(upstream, tmp_path):
+    # uninterrupted
+    dir_a = copy_run(upstream, tmp_path / "a")
+    argv, env, _ = ppo_command("ddp", dir_a, tmp_path)
+    proc = run(argv, env)
+    assert "ppo: DDP, 2 processes on 1 machine (cpu, float32)" in proc.stderr
+    rows_a = read_jsonl(dir_a / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows_a] == [1, 2, 3, 4, 5, 6]  # one writer
+    assert {r["dist/num_processes"] for r in rows_a} == {2}
+
+    # killed (-9, the whole process group) after the step-2 checkpoint, then the same command again
+    dir_b = copy_run(upstream, tmp_path / "b")
+    argv, env, overrides = ppo_command("ddp", dir_b, tmp_path)
+    work = work_dir(load_config(TINY, overrides), dir_b, "ppo")
+    killed = subprocess.Popen(argv, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and killed.poll() is None:
+        if (work / "metrics.jsonl").exists() and len(read_jsonl(work / "metrics.jsonl")) >= 3:
+            break
+        time.sleep(0.1)
+    kill_all(str(dir_b))  # the launcher and every worker: torch's elastic agent starts them in sessions of their own
+    killed.wait()
+    assert not (dir_b / "ppo").exists(), "the run finished before it was killed"
+    assert (work / "checkpoints").is_dir()
+    proc = run(argv, env)
+    assert "resuming PPO from" in proc.stderr
+
+    rows_b = read_jsonl(dir_b / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
+    final_a = load_file(str(dir_a / "ppo" / "policy" / "model.safetensors"))
+    final_b = load_file(str(dir_b / "ppo" / "policy" / "model.safetensors"))
+    for name in final_a:
+        torch.testing.assert_close(final_b[name], final_a[name], atol=1e-6, rtol=0)
+
+
+def test_two_machines_on_localhost(upstream, tmp_path):
+    """`--num_machines 2 --machine_rank 0/1` with one process each: one DDP run over two "machines", `rlhf run`
+    from the finished reward stage on: PPO on both, the evaluation on the main process alone."""
+    run_dir = copy_run(upstream, tmp_path / "run")
+    port = free_port()
+    launches = []
+    for rank in (0, 1):
+        argv, env, _ = ppo_command("ddp", run_dir, tmp_path, "run", ("eval.num_prompts=16", "eval.best_of_n=[1,2]"),
+                                   num_processes=2, num_machines=2, machine_rank=rank, port=port)
+        argv[argv.index("ppo.num_updates=6")] = "ppo.num_updates=2"
+        launches.append(subprocess.Popen(argv, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in launches]
+    for p, (_, err) in zip(launches, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "ppo: DDP, 2 processes on 2 machines (cpu, float32)" in outputs[0][1]
+    rows = read_jsonl(run_dir / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and {r["dist/num_processes"] for r in rows} == {2}
+    assert len(read_jsonl(run_dir / "eval" / "generations.jsonl")) == 16  # written once
+    assert (run_dir / "eval" / "metrics.json").is_file() and not (run_dir / ".partial" / "eval").exists()
+
+
+def fake_accelerator(kind: str, processes: int):
+    return SimpleNamespace(distributed_type=SimpleNamespace(name=kind), num_processes=processes,
+                           device=torch.device("cpu"), state=SimpleNamespace())
+
+
+def test_describe_names_engine_processes_and_machines(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert describe(fake_accelerator("NO", 1), "ppo", torch.bfloat16) == "ppo: 1 process on 1 machine (cpu, bfloat16)"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert describe(fake_accelerator("MULTI_GPU", 8), "reward", torch.float32).startswith(
+        "reward: DDP, 8 processes on 2 machines")
+
+
+def test_a_cpu_launch_of_one_process_is_warned_about(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` starts one process without an error: the stage says so."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "single process" in single_process_warning(fake_accelerator("NO", 1))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert single_process_warning(fake_accelerator("MULTI_CPU", 2)) is None
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert single_process_warning(fake_accelerator("NO", 1)) is None  # a plain `rlhf ppo`
+
+
+def test_reward_stage_on_two_processes(upstream, tmp_path):
+    """TRL's RewardTrainer under DDP: each process takes half of every batch of reward.batch_size, one writes."""
+    import json
+
+    run_dir = copy_run(upstream, tmp_path / "run")
+    overrides = [f"run.output_dir={run_dir}", *BASE, *PPO, "prefs.num_prompts=64", "reward.epochs=1"]
+    argv, env = cpu_launch("ddp", ["-m", "rlhf.cli", "reward", TINY, *overrides, "--force"], tmp_path)
+    proc = run(argv, env)
+    assert "reward: DDP, 2 processes on 1 machine (cpu, float32)" in proc.stderr
+    two = json.loads((run_dir / "reward" / "metrics.json").read_text())
+    one = json.loads((upstream / "reward" / "metrics.json").read_text())
+    logged = [r["step"] for r in read_jsonl(run_dir / "reward" / "metrics.jsonl")]
+    assert logged == [r["step"] for r in read_jsonl(upstream / "reward" / "metrics.jsonl")]  # one writer, same steps
+    assert two["train_pairs"] == one["train_pairs"]
+    # the same global batches in the same order; only the loss's per-process averaging differs
+    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=0.05)
