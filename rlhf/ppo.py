@@ -1,6 +1,7 @@
 """The `ppo` stage: optimise the policy against the reward with PPO and a per-token KL penalty.
 
-    rlhf ppo configs/default.yaml          # or: accelerate launch -m rlhf.cli ppo configs/default.yaml
+    rlhf ppo configs/default.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m rlhf.cli ppo configs/default.yaml
 
 `run_ppo` reads top to bottom: collect a rollout (rlhf.rollout) -> KL-shaped rewards and GAE advantages
 -> PPO epochs over mini-batches -> log -> checkpoint (rlhf.checkpoints). The math is in rlhf.ppo_core,

@@ -171,3 +171,32 @@ def test_reward_stage_on_two_processes(upstream, tmp_path):
     assert two["train_pairs"] == one["train_pairs"]
     # the same global batches in the same order; only the loss's per-process averaging differs
     assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=0.05)
+
+
+def test_each_process_gets_its_own_random_streams_back(tmp_path, capsys):
+    """A checkpoint holds every process's streams; each process restores its own; saved by another number of
+    processes, none is restored and a warning says the run no longer matches an uninterrupted one."""
+    from rlhf.checkpoints import load_checkpoint, save_checkpoint
+    from rlhf.distributed import rng_state
+    from rlhf.ppo_core import FixedKLController
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    streams = []
+    for process in range(2):  # two processes' streams, as gather_rng_states returns them
+        torch.manual_seed(100 + process)
+        streams.append(rng_state())
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, FixedKLController(0.1), 3, "fp", streams)
+    for process in (1, 0):
+        torch.manual_seed(0)
+        load_checkpoint(path, model, optimizer, scheduler, FixedKLController(0.1), process, 2)
+        torch.manual_seed(100 + process)
+        expected = torch.rand(3)
+        load_checkpoint(path, model, optimizer, scheduler, FixedKLController(0.1), process, 2)
+        assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    load_checkpoint(path, model, optimizer, scheduler, FixedKLController(0.1), 0, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert "saved by 2 processes and is resumed by 1" in capsys.readouterr().err
