@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from reward_models.prefs import run_prefs
 from rlhf.config import load_config
+from rlhf.preflight import preflight
+from rlhf.utils import read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = PROJECT_ROOT / "configs" / "qwen2.5-0.5b-hh.yaml"
@@ -80,15 +83,10 @@ def test_recipe_names_the_hub_models_and_data():
 
 
 def test_recipe_passes_the_up_front_checks_on_local_stand_ins(fixtures, tmp_path):
-    from rlhf.preflight import preflight
-
     preflight(local_recipe(fixtures, tmp_path / "run"), STAGES)
 
 
 def test_prefs_split_the_hh_prompts(fixtures, tmp_path):
-    from reward_models.data import run_prefs
-    from rlhf.utils import read_jsonl
-
     cfg = local_recipe(fixtures, tmp_path / "run")
     out = run_prefs(cfg, tmp_path / "run", tmp_path / "prefs")
     pairs = read_jsonl(out / "train.jsonl") + read_jsonl(out / "test.jsonl")
