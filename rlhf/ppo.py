@@ -110,8 +110,9 @@ def start_processes(cfg: PipelineConfig, stage: str):
     process where several were likely meant."""
     from accelerate import Accelerator  # accelerate takes ~1 s to import: only the training stages need it
 
-    dtype = default_dtype(cfg.model.dtype, stage_device(cfg))
-    accelerator = Accelerator(cpu=stage_device(cfg) == "cpu",
+    device = stage_device(cfg)
+    dtype = default_dtype(cfg.model.dtype, device)
+    accelerator = Accelerator(cpu=device == "cpu",
                               gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     set_seed(cfg.run.seed + accelerator.process_index)
@@ -119,8 +120,8 @@ def start_processes(cfg: PipelineConfig, stage: str):
         torch.set_num_threads(cfg.run.threads)
     if accelerator.is_main_process:
         print(describe(accelerator, stage, dtype), file=sys.stderr)
-        if single_process_warning(accelerator):
-            warn(single_process_warning(accelerator))
+        if (warning := single_process_warning(accelerator)) is not None:
+            warn(warning)
     return accelerator, dtype
 
 

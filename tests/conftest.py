@@ -125,3 +125,20 @@ def killed_at_update(monkeypatch):
             monkeypatch.setattr(ppo, "ppo_update", real_update)
 
     return kill
+
+
+@pytest.fixture(scope="session")
+def finished_reward_stage(tmp_path_factory):
+    """A function: tiny-config overrides -> a fresh run directory whose prefs and reward stages are done (the
+    upstream that PPO tests copy, built once per module that asks)."""
+    from rlhf.config import load_config
+    from rlhf.pipeline import run_pipeline
+
+    def make(*overrides: str) -> Path:
+        run_dir = tmp_path_factory.mktemp("upstream") / "run"
+        cfg = load_config(PROJECT_ROOT / "configs" / "tiny.yaml", [f"run.output_dir={run_dir}", *overrides])
+        run_pipeline(cfg, only="prefs")
+        run_pipeline(cfg, only="reward")
+        return run_dir
+
+    return make

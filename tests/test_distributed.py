@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from distributed_launch import PROJECT_ROOT, cpu_launch, free_port
 from rlhf.config import load_config
 from rlhf.distributed import describe, single_process_warning
-from rlhf.pipeline import run_pipeline, work_dir
+from rlhf.pipeline import work_dir
 from rlhf.utils import read_jsonl
 
 TINY = str(PROJECT_ROOT / "configs" / "tiny.yaml")
@@ -29,13 +29,9 @@ PPO = ["ppo.num_updates=6", "ppo.save_every=2", "ppo.batch_size=16", "ppo.mini_b
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
+def upstream(finished_reward_stage):
     """A finished prefs and reward stage of the tiny config (one process), copied by each test."""
-    run_dir = tmp_path_factory.mktemp("dist-upstream") / "run"
-    cfg = load_config(TINY, [f"run.output_dir={run_dir}", *BASE, *PPO, "prefs.num_prompts=64", "reward.epochs=1"])
-    run_pipeline(cfg, only="prefs")
-    run_pipeline(cfg, only="reward")
-    return run_dir
+    return finished_reward_stage(*BASE, *PPO, "prefs.num_prompts=64", "reward.epochs=1")
 
 
 def ppo_command(engine: str, run_dir: Path, tmp_path: Path, command: str = "ppo", extra: tuple[str, ...] = (),

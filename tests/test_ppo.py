@@ -44,12 +44,8 @@ def tiny_cfg(run_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("upstream") / "run"
-    cfg = tiny_cfg(run_dir)
-    run_pipeline(cfg, only="prefs")
-    run_pipeline(cfg, only="reward")
-    return run_dir
+def upstream(finished_reward_stage):
+    return finished_reward_stage(*BASE)
 
 
 def copy_upstream(upstream, dest: Path) -> Path:
