@@ -1,16 +1,20 @@
 """Several processes: what one needs from the others, and how a run says how it runs.
 
 Statistics across processes (the `reduce=` hook of `ppo_core`, means of logged metrics), each
-process's own random streams for exact resume, and the one line naming the engine, processes and
-machines. With one process every function here is the plain local computation (no collective).
+process's own random streams for exact resume, the engines (`accelerate launch` with DDP, FSDP2 or
+DeepSpeed ZeRO-2/3: what each needs on the CPU, and the full weights of a sharded model when they are
+read whole), and the one line naming the engine, processes and machines. With one process every function
+here is the plain local computation (no collective).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import random
-from typing import Any, Callable
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -62,12 +66,138 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# engines
+
+
+def launched_processes() -> int:
+    """The processes of this launch (`torchrun` and `accelerate launch` set WORLD_SIZE), 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_group_settings(cpu: bool) -> dict[str, Any]:
+    """How the processes of a launch join their group (`PartialState(**...)`, `InitProcessGroupKwargs(**...)`):
+    gloo on the CPU (DeepSpeed would otherwise ask for its ccl backend, not installable from PyPI), and a long
+    timeout, since the others wait while the main process alone builds preference pairs or evaluates."""
+    settings: dict[str, Any] = {"timeout": timedelta(hours=24)}
+    if cpu:
+        settings["backend"] = "gloo"
+    return settings
+
+
+def join_process_group(cpu: bool):
+    """This process's `PartialState`, joined to the launch's group (when there are several processes) with
+    `process_group_settings`. The first call decides: later `Accelerator`s share it."""
+    from accelerate import PartialState  # accelerate: see start_accelerator
+
+    settings = process_group_settings(cpu) if launched_processes() > 1 else {}
+    # DeepSpeed runs on the CPU through its own CPU accelerator (DS_ACCELERATOR=cpu), not accelerate's `cpu=True`
+    return PartialState(cpu=cpu and not deepspeed_launch(), **settings)
+
+
+def start_accelerator(cpu: bool, **kwargs):
+    """The stage's `Accelerator` for whatever `accelerate launch` asked for, also on the CPU: accelerate turns
+    FSDP on only for accelerator devices and otherwise runs DDP without a word, so the FSDP launch setting
+    (ACCELERATE_USE_FSDP) is applied here to CPU processes too."""
+    from accelerate import Accelerator, PartialState  # accelerate takes ~1 s to import: training stages only
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+    join_process_group(cpu)
+    handlers = [InitProcessGroupKwargs(**process_group_settings(cpu))] if launched_processes() > 1 else []
+    accelerator = Accelerator(cpu=cpu and not deepspeed_launch(), kwargs_handlers=handlers, **kwargs)
+    if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            and accelerator.distributed_type == DistributedType.MULTI_CPU):
+        # every `AcceleratorState()` copies PartialState's type again, so both are set
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* settings
+    if accelerator.distributed_type.name == "DEEPSPEED" and not accelerator.state.deepspeed_plugin.zero3_init_flag:
+        # accelerate tells transformers about ZeRO-3 even with `zero3_init_flag: false`, and every model loaded
+        # afterwards would come up partitioned; the frozen ones (reference, reward model, sampling copy) are never
+        # wrapped by the engine and must stay whole. The engine partitions the trained ones when it wraps them.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    return accelerator
+
+
+def deepspeed_launch() -> bool:
+    """Whether `accelerate launch` asked for DeepSpeed."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def engine(accelerator) -> str:
+    """"single", "ddp", "fsdp2", "zero2" or "zero3": what runs the trained weights."""
+    kind = accelerator.distributed_type.name
+    if kind == "FSDP":
+        return "fsdp2"
+    if kind == "DEEPSPEED":
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether each process holds only a shard of the trained weights between forwards (FSDP2, ZeRO-3)."""
+    return engine(accelerator) in ("fsdp2", "zero3")
+
+
+# engines that split the trained weights' or optimiser's state over the processes: a checkpoint is then written
+# by every process through the engine (`accelerator.save_state`)
+SPLIT_ENGINES = ("fsdp2", "zero2", "zero3")
+
+
+def engine_checkpoints(accelerator) -> bool:
+    return engine(accelerator) in SPLIT_ENGINES
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """The DeepSpeed settings a run fixes and no DataLoader can tell it: the micro-batch per process, and the
+    gradient clipping (DeepSpeed clips inside its step)."""
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        config["gradient_clipping"] = max_grad_norm
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds: its shard under FSDP2 (a DTensor) or ZeRO-3, else itself."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+@contextlib.contextmanager
+def full_weights(accelerator, module: torch.nn.Module) -> Iterator[None]:
+    """Every parameter of `module` whole on every process inside the block (a collective: all processes enter
+    it). FSDP2 unshards each of its groups, ZeRO-3 gathers its partitions; other engines hold them whole already.
+    Costs one all-gather of the weights and, while the block lasts, their full size in memory."""
+    kind = engine(accelerator)
+    if kind == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+
+        groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
+        for group in groups:
+            group.unshard()
+        try:
+            yield
+        finally:
+            for group in groups:
+                group.reshard()
+    elif kind == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
 # how the run runs
 
 
 def num_machines() -> int:
     """Machines of this launch: the world size over the processes per machine (torchrun and accelerate set both)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     return max(1, world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
 
 

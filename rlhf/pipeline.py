@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,7 @@ from rich.console import Console
 from reward_models.prefs import run_prefs
 from reward_models.train import run_reward
 from rlhf.config import PipelineConfig, save_config
+from rlhf.distributed import join_process_group, launched_processes
 from rlhf.models import stage_device
 from rlhf.evaluate import run_eval
 from rlhf.ppo import run_ppo
@@ -89,10 +89,8 @@ def start_process_group(cfg: PipelineConfig) -> None:
     """Join the launch's process group before the first stage, when there are several processes (`torchrun`,
     `accelerate launch`): the processes wait for each other between stages. The long timeout lets the others
     wait while the main process alone builds the preference pairs or evaluates (`MAIN_ONLY`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState  # accelerate: only launches of several processes need it here
-
-        PartialState(cpu=stage_device(cfg) == "cpu", timeout=timedelta(hours=24))
+    if launched_processes() > 1:
+        join_process_group(stage_device(cfg) == "cpu")
 
 
 def barrier() -> None:

@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import ppo_core
-from rlhf.checkpoints import resume, save_checkpoint, save_policy
+from rlhf.checkpoints import resume, save_final_policy, save_run_checkpoint
 from rlhf.config import PipelineConfig, PPOConfig, PPOSizes, ppo_sizes
-from rlhf.distributed import (describe, gather_over_processes, gather_rng_states, global_mean, single_process_warning,
+from rlhf.distributed import (configure_deepspeed, describe, full_weights, gather_over_processes, global_mean,
+                              local_tensor, shards_weights, single_process_warning, start_accelerator,
                               sum_over_processes)
 from rlhf.generation import stop_token_ids
 from rlhf.models import default_dtype, stage_device
@@ -46,17 +47,18 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     sizes = ppo_sizes(pc, accelerator.num_processes)
 
     # 0. data, models, reward, optimiser; resume from the newest checkpoint of this config, if any
-    models = build_models(cfg, reward_dir, accelerator.device, dtype)
+    models = build_models(cfg, reward_dir, accelerator.device, dtype, sharded=shards_weights(accelerator))
     enc = training_prompts(cfg, models.tokenizer)
     score_fn = reward_function(cfg, reward_dir, accelerator.device, dtype)
     gold_fn = get_judge(cfg.prefs.judge) if cfg.prefs.judge else None
     rollout_options = rollout_settings(pc, sizes, stop_token_ids(models.tokenizer, pc.stop_tokens))
     optimizer, scheduler = make_optimizer(models.model, pc, sizes)
+    configure_deepspeed(accelerator, sizes.micro_batch_size, pc.max_grad_norm)
     model, optimizer = accelerator.prepare(models.model, optimizer)
+    trained = accelerator.unwrap_model(model)  # PolicyAndValue (its weights sharded under FSDP2 / ZeRO-3)
     kl_ctl = kl_controller(pc)
     fingerprint = stage_identity(cfg, run_dir, "ppo")
-    start = resume(out, fingerprint, accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl, pc.num_updates,
-                   accelerator.process_index, accelerator.num_processes)
+    start = resume(out, fingerprint, accelerator, trained, optimizer, scheduler, kl_ctl, pc.num_updates)
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
     schedule = PromptSchedule(len(enc.prompts), pc.batch_size, cfg.run.seed)
 
@@ -64,7 +66,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                        disable=not accelerator.is_main_process):
         t0, where = time.perf_counter(), f"ppo update {update + 1}"
         if models.sampler is not None:  # generation samples from the weights being trained
-            sync_sampler(models.sampler, accelerator.unwrap_model(model).policy)
+            with full_weights(accelerator, trained):
+                sync_sampler(models.sampler, trained.policy)
         # 1. this process's prompts, 2. rollout, 3. advantages
         local = schedule.batch(update)[accelerator.process_index * sizes.local_batch_size:][:sizes.local_batch_size]
         with accelerator.autocast(), fault_context(where):
@@ -86,15 +89,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         if (update + 1) % pc.sample_every == 0 or update == 0:
             tracker.log_table("samples", sample_rows(rollout), step=update + 1)
         if (update + 1) % pc.save_every == 0 or update + 1 == pc.num_updates:
-            rng_states = gather_rng_states(accelerator)
-            if accelerator.is_main_process:
-                save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer, scheduler, kl_ctl,
-                                update + 1, fingerprint, rng_states, keep=pc.keep_checkpoints)
-            accelerator.wait_for_everyone()
+            save_run_checkpoint(accelerator, out / "checkpoints", trained, optimizer, scheduler, kl_ctl, update + 1,
+                                fingerprint, keep=pc.keep_checkpoints)
 
-    if accelerator.is_main_process:
-        save_policy(accelerator.unwrap_model(model), models.tokenizer, out / "policy", pc.merge_lora)
-    accelerator.wait_for_everyone()
+    save_final_policy(accelerator, cfg, trained, models.tokenizer, out / "policy", dtype)
     tracker.finish()
     return out / "policy"
 
@@ -108,13 +106,10 @@ def start_processes(cfg: PipelineConfig, stage: str):
     `model.dtype` resolves to bf16, each process its own random stream (seed + process index). The main
     process says how the stage runs (engine, processes, machines) and warns of a launch that started one
     process where several were likely meant."""
-    from accelerate import Accelerator  # accelerate takes ~1 s to import: only the training stages need it
-
     device = stage_device(cfg)
     dtype = default_dtype(cfg.model.dtype, device)
-    accelerator = Accelerator(cpu=device == "cpu",
-                              gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
-                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    accelerator = start_accelerator(device == "cpu", gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
+                                    mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     set_seed(cfg.run.seed + accelerator.process_index)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -204,11 +199,13 @@ def clip_gradients(accelerator, parameters, max_norm: float) -> torch.Tensor:
     """The global gradient norm; gradients are scaled down to `max_norm` only when it is exceeded.
     torch's `clip_grad_norm_` multiplies every gradient by the clip factor even when that is 1: one
     more read and write of all gradients per step (2 GB for an fp32 SmolLM2 policy and critic)."""
-    from accelerate.utils import DistributedType  # accelerate: see make_accelerator
+    from accelerate.utils import DistributedType  # accelerate: see rlhf.distributed.start_accelerator
 
     parameters = list(parameters)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
-        return accelerator.clip_grad_norm_(parameters, max_norm)  # all of the model's, as FSDP matches them
+        # all of the model's, as FSDP matches them; DeepSpeed clipped inside its step and reports the norm
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
     parameters = [p for p in parameters if p.grad is not None]
     accelerator.unscale_gradients()
     norm = total_norm([p.grad for p in parameters])
@@ -277,7 +274,7 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                                    ("val/error", vf_stats["error"])):
                     stats.setdefault(key, []).append(value.item())
                 del logits, values
-    check_weights([p for p in model.parameters() if p.requires_grad], None, diverged_hint(cfg),
+    check_weights([local_tensor(p) for p in model.parameters() if p.requires_grad], None, diverged_hint(cfg),
                   gather=gather_over_processes(accelerator))
     model.eval()
     return {f"{k}_avg" if not k.startswith("val/error") else k: sum(v) / len(v) for k, v in stats.items()}

@@ -83,6 +83,14 @@ class PolicyAndValue(nn.Module):
         else:
             self.value_head = None
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The layer classes an engine shards as units (FSDP2's auto-wrap): the policy's and the critic's."""
+        names = [*(getattr(self.policy, "_no_split_modules", None) or [])]
+        if self.critic is not None:
+            names += [n for n in getattr(self.critic, "_no_split_modules", None) or [] if n not in names]
+        return names
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 context_length: int, what: str = "both"):
         """(logits (B, R, V) predicting each response token, values (B, R) of the states before them); the
@@ -140,8 +148,9 @@ class PPOModels:
     tokenizer: object
 
 
-def build_models(cfg, reward_dir: Path, device, dtype) -> PPOModels:
-    """The PPO stage's models, as DESIGN detail 8 describes, on `device`."""
+def build_models(cfg, reward_dir: Path, device, dtype, sharded: bool = False) -> PPOModels:
+    """The PPO stage's models, as DESIGN detail 8 describes, on `device`. `sharded`: the trained weights will be
+    split over processes (FSDP2, ZeRO-3), so generation runs from a whole copy (`needs_sampler`)."""
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     # Trained weights are fp32 (bf16 comes through autocast); LoRA's frozen base and the reference are
     # stored in `dtype` directly.
@@ -169,7 +178,7 @@ def build_models(cfg, reward_dir: Path, device, dtype) -> PPOModels:
     if ref_policy is not None:
         ref_policy.to(device)
     sampler = None
-    if needs_sampler(cfg.ppo, dtype):
+    if needs_sampler(cfg.ppo, dtype, sharded):
         # Generation runs from a plain copy in `dtype`, refreshed after every update: with LoRA the
         # adapters are merged into it, so sampling pays neither the adapter path nor fp32 casts.
         # It only runs under no_grad, yet its parameters keep requires_grad=True: `generate` feeds the LM head
@@ -180,10 +189,11 @@ def build_models(cfg, reward_dir: Path, device, dtype) -> PPOModels:
     return PPOModels(model, ref_policy, sampler, tokenizer)
 
 
-def needs_sampler(pc, dtype: torch.dtype) -> bool:
-    """Whether generation runs from a separate copy: with LoRA (merged adapters) or in a dtype other than the
-    trained fp32 weights'."""
-    return pc.lora or dtype != torch.float32
+def needs_sampler(pc, dtype: torch.dtype, sharded: bool = False) -> bool:
+    """Whether generation runs from a separate copy: with LoRA (merged adapters), in a dtype other than the
+    trained fp32 weights', or when an engine shards them (FSDP2, ZeRO-3: each token of `generate` would
+    otherwise gather every layer again; the copy is refreshed from the gathered weights once per update)."""
+    return pc.lora or dtype != torch.float32 or sharded
 
 
 def reuses_sampling_logprobs(pc, dtype: torch.dtype) -> bool:
