@@ -158,10 +158,23 @@ def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float
         config["gradient_clipping"] = max_grad_norm
 
 
+def broadcast_trained_weights(accelerator, module: torch.nn.Module) -> None:
+    """Give every process the main process's trainable weights before an engine wraps them. Fresh weights (LoRA's
+    A matrices, drawn from each process's own random stream) differ between processes; DDP and DeepSpeed
+    broadcast them when they wrap a model, FSDP2 shards each process's own copy and would train a mix."""
+    if accelerator.num_processes > 1:
+        with torch.no_grad():
+            for param in module.parameters():
+                if param.requires_grad:
+                    torch.distributed.broadcast(param.data, src=0)
+
+
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
     """The part of a parameter this process holds: its shard under FSDP2 (a DTensor) or ZeRO-3, else itself."""
-    if hasattr(param, "ds_tensor"):
-        return param.ds_tensor
+    if hasattr(param, "ds_tensor"):  # ZeRO-3 pads the last partitions to equal sizes: the padding is not weights
+        shard = param.ds_tensor.reshape(-1)
+        offset = shard.numel() * torch.distributed.get_rank(group=param.ds_process_group)
+        return shard[:max(0, min(shard.numel(), param.ds_numel - offset))]
     return param.to_local() if hasattr(param, "to_local") else param
 
 

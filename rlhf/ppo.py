@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from rlhf import ppo_core
 from rlhf.checkpoints import resume, save_final_policy, save_run_checkpoint
 from rlhf.config import PipelineConfig, PPOConfig, PPOSizes, ppo_sizes
-from rlhf.distributed import (configure_deepspeed, describe, full_weights, gather_over_processes, global_mean,
+from rlhf.distributed import (broadcast_trained_weights, configure_deepspeed, describe, full_weights, gather_over_processes, global_mean,
                               local_tensor, shards_weights, single_process_warning, start_accelerator,
                               sum_over_processes)
 from rlhf.generation import stop_token_ids
@@ -54,6 +54,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     rollout_options = rollout_settings(pc, sizes, stop_token_ids(models.tokenizer, pc.stop_tokens))
     optimizer, scheduler = make_optimizer(models.model, pc, sizes)
     configure_deepspeed(accelerator, sizes.micro_batch_size, pc.max_grad_norm)
+    broadcast_trained_weights(accelerator, models.model)
     model, optimizer = accelerator.prepare(models.model, optimizer)
     trained = accelerator.unwrap_model(model)  # PolicyAndValue (its weights sharded under FSDP2 / ZeRO-3)
     kl_ctl = kl_controller(pc)

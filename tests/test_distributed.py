@@ -6,6 +6,8 @@ command again reach the metrics and weights of an uninterrupted 2-process run.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +28,8 @@ from rlhf.utils import read_jsonl
 TINY = str(PROJECT_ROOT / "configs" / "tiny.yaml")
 BASE = ["tracking.wandb=off", "run.device=cpu", "ppo.reward=keyword:good"]
 PPO = ["ppo.num_updates=6", "ppo.save_every=2", "ppo.batch_size=16", "ppo.mini_batch_size=8"]
+# the engine comparisons train a LoRA policy (adapters drawn at random, a merged sampling copy) and a full critic
+LORA = ("ppo.lora=true",)
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +68,24 @@ def kill_all(marker: str) -> None:
             pass  # gone meanwhile
 
 
-def test_ddp_two_processes_and_exact_resume_after_kill(upstream, tmp_path):
-    # uninterrupted
-    dir_a = copy_run(upstream, tmp_path / "a")
-    argv, env, _ = ppo_command("ddp", dir_a, tmp_path)
+@pytest.fixture(scope="module")
+def ddp_run(upstream, tmp_path_factory):
+    """An uninterrupted 2-process DDP PPO run: what every engine and every resumed run is compared with."""
+    run_dir = copy_run(upstream, tmp_path_factory.mktemp("ddp") / "run")
+    argv, env, _ = ppo_command("ddp", run_dir, run_dir.parent, extra=LORA)
     proc = run(argv, env)
     assert "ppo: DDP, 2 processes on 1 machine (cpu, float32)" in proc.stderr
-    rows_a = read_jsonl(dir_a / "ppo" / "metrics.jsonl")
-    assert [r["step"] for r in rows_a] == [1, 2, 3, 4, 5, 6]  # one writer
-    assert {r["dist/num_processes"] for r in rows_a} == {2}
+    rows = read_jsonl(run_dir / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one writer
+    assert {r["dist/num_processes"] for r in rows} == {2}
+    return run_dir
 
-    # killed (-9, the whole process group) after the step-2 checkpoint, then the same command again
-    dir_b = copy_run(upstream, tmp_path / "b")
-    argv, env, overrides = ppo_command("ddp", dir_b, tmp_path)
-    work = work_dir(load_config(TINY, overrides), dir_b, "ppo")
+
+def kill_and_resume(engine: str, run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Launch a 2-process PPO run, `kill -9` every process of it after the step-2 checkpoint, then launch the
+    same command again; returns the second launch."""
+    argv, env, overrides = ppo_command(engine, run_dir, tmp_path, extra=LORA)
+    work = work_dir(load_config(TINY, overrides), run_dir, "ppo")
     killed = subprocess.Popen(argv, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + 600
@@ -85,22 +93,68 @@ def test_ddp_two_processes_and_exact_resume_after_kill(upstream, tmp_path):
         if (work / "metrics.jsonl").exists() and len(read_jsonl(work / "metrics.jsonl")) >= 3:
             break
         time.sleep(0.1)
-    kill_all(str(dir_b))  # the launcher and every worker: torch's elastic agent starts them in sessions of their own
+    kill_all(str(run_dir))  # the launcher and every worker: torch's elastic agent starts them in sessions of their own
     killed.wait()
-    assert not (dir_b / "ppo").exists(), "the run finished before it was killed"
-    assert (work / "checkpoints").is_dir()
+    assert not (run_dir / "ppo").exists(), "the run finished before it was killed"
+    assert (work / "checkpoints" / "step_00002").is_dir()
     proc = run(argv, env)
     assert "resuming PPO from" in proc.stderr
+    return proc
 
-    rows_b = read_jsonl(dir_b / "ppo" / "metrics.jsonl")
-    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(rows_a, rows_b):
-        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"):
-            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
-    final_a = load_file(str(dir_a / "ppo" / "policy" / "model.safetensors"))
-    final_b = load_file(str(dir_b / "ppo" / "policy" / "model.safetensors"))
-    for name in final_a:
-        torch.testing.assert_close(final_b[name], final_a[name], atol=1e-6, rtol=0)
+
+def assert_same_run(run_dir: Path, reference: Path, weights_atol: float = 1e-6) -> None:
+    """The metrics (to 1e-5) and final policy weights of two 2-process PPO runs agree."""
+    rows, expected = read_jsonl(run_dir / "ppo" / "metrics.jsonl"), read_jsonl(reference / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6]
+    assert {r["dist/num_processes"] for r in rows} == {2}
+    for row, ref in zip(rows, expected):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg",
+                    "policy/grad_norm_avg"):
+            assert row[key] == pytest.approx(ref[key], abs=1e-5), (ref["step"], key)
+    final = load_file(str(run_dir / "ppo" / "policy" / "model.safetensors"))
+    final_ref = load_file(str(reference / "ppo" / "policy" / "model.safetensors"))
+    assert final.keys() == final_ref.keys()
+    for name in final_ref:
+        torch.testing.assert_close(final[name], final_ref[name], atol=weights_atol, rtol=0)
+
+
+def test_ddp_exact_resume_after_kill(upstream, ddp_run, tmp_path):
+    run_dir = copy_run(upstream, tmp_path / "run")
+    kill_and_resume("ddp", run_dir, tmp_path)
+    assert_same_run(run_dir, ddp_run)
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
+
+
+@pytest.mark.parametrize("engine, name", [("fsdp2", "FSDP2"), pytest.param("zero2", "DeepSpeed ZeRO-2",
+                                                                            marks=needs_deepspeed)])
+def test_sharding_engine_resumes_exactly_and_matches_ddp(engine, name, upstream, ddp_run, tmp_path):
+    """Killed and resumed under FSDP2 / ZeRO-2 (checkpoints sharded by the engine), the run reaches what the
+    uninterrupted DDP run reached, up to the order of the sums over processes."""
+    run_dir = copy_run(upstream, tmp_path / "run")
+    proc = kill_and_resume(engine, run_dir, tmp_path)
+    assert f"ppo: {name}, 2 processes on 1 machine (cpu, float32)" in proc.stderr
+    checkpoint = run_dir / "ppo" / "checkpoints" / "step_00006"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["engine"] == engine
+    shards = [p.name for p in (checkpoint / "engine").rglob("*") if p.is_file()]
+    if engine == "fsdp2":  # torch.distributed.checkpoint: one file per process for the weights and the optimiser
+        assert sum(n.endswith(".distcp") for n in shards) == 4, shards
+    else:  # each process's partition of the optimiser state
+        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(shards)
+    assert_same_run(run_dir, ddp_run, weights_atol=1e-5)
+
+
+@needs_deepspeed
+def test_zero3_matches_ddp(upstream, ddp_run, tmp_path):
+    """ZeRO-3 partitions the weights (sampling from a copy refreshed from the gathered ones) and trains what DDP
+    trains."""
+    run_dir = copy_run(upstream, tmp_path / "run")
+    argv, env, _ = ppo_command("zero3", run_dir, tmp_path, extra=LORA)
+    proc = run(argv, env)
+    assert "ppo: DeepSpeed ZeRO-3, 2 processes on 1 machine (cpu, float32)" in proc.stderr
+    assert_same_run(run_dir, ddp_run, weights_atol=1e-5)
 
 
 def test_two_machines_on_localhost(upstream, tmp_path):
@@ -153,8 +207,6 @@ def test_a_cpu_launch_of_one_process_is_warned_about(monkeypatch):
 
 def test_reward_stage_on_two_processes(upstream, tmp_path):
     """TRL's RewardTrainer under DDP: each process takes half of every batch of reward.batch_size, one writes."""
-    import json
-
     run_dir = copy_run(upstream, tmp_path / "run")
     overrides = [f"run.output_dir={run_dir}", *BASE, *PPO, "prefs.num_prompts=64", "reward.epochs=1"]
     argv, env = cpu_launch("ddp", ["-m", "rlhf.cli", "reward", TINY, *overrides, "--force"], tmp_path)
