@@ -15,9 +15,10 @@ What exists at PPO time (rlhf.ppo_models.build_models and the reward stage's sco
 Bytes per parameter: trained 16 (fp32 weights 4 + fp32 gradients 4 + AdamW's two fp32 moments 8);
 frozen 2 (bf16). The reward model and critic have the policy's backbone (`reward.num_layers: 0`).
 What each engine splits over the N GPUs: DDP nothing; ZeRO-2 gradients and optimizer states;
-ZeRO-3 and FSDP2 also the weights, of the trained models and (prepared by the engine the same way)
-the frozen reference and reward model. The sampler stays whole on every GPU: generation needs the
-full weights, gathered from the shards after each update.
+ZeRO-3 and FSDP2 also the weights of the module the engine wraps: the policy (with LoRA, its frozen
+base too) and the critic or value head. The frozen reference copy and the reward model are not wrapped
+and stay whole on every GPU, as does the sampler: generation needs the full weights, gathered from the
+shards once per update (`rlhf.distributed.full_weights`).
 """
 
 from __future__ import annotations
@@ -100,15 +101,16 @@ def ppo_memory(s: Shape, engine: str, lora: bool, gpus: int, lora_r: int = 16) -
         weights = 4 * n / (gpus if shards_weights else 1)
         return weights + STATE_BYTES * n / (gpus if shards_states else 1)
 
-    def frozen(n: int) -> float:
-        return FROZEN_BYTES * n / (gpus if shards_weights else 1)
+    def frozen(n: int, wrapped: bool) -> float:
+        """Frozen weights: split only when they sit inside the module the engine wraps."""
+        return FROZEN_BYTES * n / (gpus if shards_weights and wrapped else 1)
 
     parts = {
-        "policy": frozen(policy) + trained(lora_params(s, lora_r)) if lora else trained(policy),
-        "reference": 0.0 if lora else frozen(policy),
-        "sampler": float(FROZEN_BYTES * policy),
+        "policy": frozen(policy, wrapped=True) + trained(lora_params(s, lora_r)) if lora else trained(policy),
+        "reference": 0.0 if lora else frozen(policy, wrapped=False),
+        "sampler": frozen(policy, wrapped=False),
         "critic": trained(scorer),
-        "reward model": frozen(scorer),
+        "reward model": frozen(scorer, wrapped=False),
     }
     return parts
 

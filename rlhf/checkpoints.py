@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rlhf.models import load_causal_lm
-from rlhf.distributed import (SPLIT_ENGINES, engine, engine_checkpoints, full_weights, gather_rng_states, set_rng_state,
-                              shards_weights)
+from rlhf.distributed import (SPLIT_ENGINES, engine, engine_checkpoints, full_weights, gather_rng_states,
+                              set_rng_state, shards_weights)
 from rlhf.ppo_models import PolicyAndValue, add_lora
 from rlhf.utils import UserError, atomic_dir, atomic_write_json, fsync_dir, fsync_tree, read_jsonl, warn
 
@@ -186,7 +186,7 @@ def resume(out: Path, fingerprint: str, accelerator, model, optimizer, scheduler
 def save_final_policy(accelerator, cfg, model: PolicyAndValue, tokenizer, out: Path, dtype) -> None:
     """The stage's final policy as one plain HF folder (`save_policy`), whatever the engine; every process calls
     it. Sharded weights are gathered, and the main process copies them into a policy of its own to save."""
-    with full_weights(accelerator, model):
+    with full_weights(accelerator, model, model.policy):
         if accelerator.is_main_process:
             policy = model.policy
             if shards_weights(accelerator):  # the engine's modules hold gathered views: save a plain copy

@@ -179,15 +179,17 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def full_weights(accelerator, module: torch.nn.Module) -> Iterator[None]:
-    """Every parameter of `module` whole on every process inside the block (a collective: all processes enter
-    it). FSDP2 unshards each of its groups, ZeRO-3 gathers its partitions; other engines hold them whole already.
-    Costs one all-gather of the weights and, while the block lasts, their full size in memory."""
-    kind = engine(accelerator)
+def full_weights(accelerator, model: torch.nn.Module, part: torch.nn.Module | None = None) -> Iterator[None]:
+    """The weights of `part` of the engine-wrapped `model` (all of it by default) whole on every process inside
+    the block; a collective: all processes enter it. FSDP2 unshards the groups of `part` and the root group
+    (`model`'s own weights, e.g. embeddings), ZeRO-3 gathers the partitions of `part`; other engines hold the
+    weights whole already. Costs one all-gather and, while the block lasts, their full size in memory."""
+    kind, part = engine(accelerator), part if part is not None else model
     if kind == "fsdp2":
         from torch.distributed.fsdp import FSDPModule
 
-        groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
+        inside = {id(m) for m in part.modules()}
+        groups = [m for m in model.modules() if isinstance(m, FSDPModule) and (m is model or id(m) in inside)]
         for group in groups:
             group.unshard()
         try:
@@ -198,7 +200,7 @@ def full_weights(accelerator, module: torch.nn.Module) -> Iterator[None]:
     elif kind == "zero3":
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(part.parameters()), modifier_rank=None):
             yield
     else:
         yield

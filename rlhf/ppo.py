@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from rlhf import ppo_core
 from rlhf.checkpoints import resume, save_final_policy, save_run_checkpoint
 from rlhf.config import PipelineConfig, PPOConfig, PPOSizes, ppo_sizes
-from rlhf.distributed import (broadcast_trained_weights, configure_deepspeed, describe, full_weights, gather_over_processes, global_mean,
-                              local_tensor, shards_weights, single_process_warning, start_accelerator,
-                              sum_over_processes)
+from rlhf.distributed import (broadcast_trained_weights, configure_deepspeed, describe, full_weights,
+                              gather_over_processes, global_mean, local_tensor, shards_weights, single_process_warning,
+                              start_accelerator, sum_over_processes)
 from rlhf.generation import stop_token_ids
 from rlhf.models import default_dtype, stage_device
 from rlhf.ppo_models import build_models, sync_sampler
@@ -67,7 +67,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                        disable=not accelerator.is_main_process):
         t0, where = time.perf_counter(), f"ppo update {update + 1}"
         if models.sampler is not None:  # generation samples from the weights being trained
-            with full_weights(accelerator, trained):
+            with full_weights(accelerator, trained, trained.policy):  # FSDP2 / ZeRO-3: gathered from the shards
                 sync_sampler(models.sampler, trained.policy)
         # 1. this process's prompts, 2. rollout, 3. advantages
         local = schedule.batch(update)[accelerator.process_index * sizes.local_batch_size:][:sizes.local_batch_size]

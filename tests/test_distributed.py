@@ -248,3 +248,26 @@ def test_each_process_gets_its_own_random_streams_back(tmp_path, capsys):
     load_checkpoint(path, model, optimizer, scheduler, FixedKLController(0.1), 0, 1)
     assert torch.equal(torch.get_rng_state(), before)
     assert "saved by 2 processes and is resumed by 1" in capsys.readouterr().err
+
+
+def test_a_checkpoint_split_by_an_engine_resumes_only_under_that_engine(tmp_path):
+    """FSDP2 / ZeRO checkpoints hold each process's part: resumed by another engine or number of processes, the
+    stage stops with one line saying how it was written, before reading any of it."""
+    from rlhf.checkpoints import load_checkpoint, save_checkpoint, write_checkpoint_files
+    from rlhf.distributed import rng_state
+    from rlhf.ppo_core import FixedKLController
+    from rlhf.utils import UserError
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    plain = save_checkpoint(tmp_path / "plain", model, optimizer, scheduler, FixedKLController(0.1), 2, "fp",
+                            [rng_state()])
+    with pytest.raises(UserError, match="written by single on 1 processes; this launch is fsdp2 on 2"):
+        load_checkpoint(plain, model, optimizer, scheduler, FixedKLController(0.1), 0, 2, fake_accelerator("FSDP", 2))
+    split = tmp_path / "split"
+    split.mkdir()
+    write_checkpoint_files(split, {}, None, scheduler, FixedKLController(0.1), 2, "fp", [rng_state()] * 2, "fsdp2")
+    with pytest.raises(UserError, match="written by fsdp2 on 2 processes; this launch is ddp on 2"):
+        load_checkpoint(split, model, optimizer, scheduler, FixedKLController(0.1), 0, 2,
+                        fake_accelerator("MULTI_CPU", 2))

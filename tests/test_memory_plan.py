@@ -52,8 +52,12 @@ def test_small_case_by_hand():
     assert ddp == {"policy": 16 * 66, "reference": 2 * 66, "sampler": 2 * 66, "critic": 16 * 68,
                    "reward model": 2 * 68}
     zero3 = plan.ppo_memory(SMALL, "ZeRO-3", lora=False, gpus=2, lora_r=1)
-    assert zero3 == {"policy": 528, "reference": 66, "sampler": 132, "critic": 544, "reward model": 68}
+    # the trained module halves; the frozen reference, sampler and reward model are not wrapped and stay whole
+    assert zero3 == {"policy": 528, "reference": 132, "sampler": 132, "critic": 544, "reward model": 136}
     assert plan.ppo_memory(SMALL, "FSDP2", lora=False, gpus=2, lora_r=1) == zero3
+    # with LoRA the policy's frozen base sits inside the wrapped module: split too
+    zero3_lora = plan.ppo_memory(SMALL, "ZeRO-3", lora=True, gpus=2, lora_r=1)
+    assert zero3_lora["policy"] == 2 * 66 / 2 + 16 * 34 / 2
     # ZeRO-2 keeps weights whole and halves the 12 bytes of gradients + AdamW states; LoRA: no reference
     zero2_lora = plan.ppo_memory(SMALL, "ZeRO-2", lora=True, gpus=2, lora_r=1)
     assert zero2_lora == {"policy": 2 * 66 + 4 * 34 + 6 * 34, "reference": 0, "sampler": 132,
@@ -64,4 +68,4 @@ def test_table_lists_every_size_and_engine():
     text = plan.table(gpus=8)
     assert text.splitlines()[0] == "| model (params) | policy training | DDP | ZeRO-2 | ZeRO-3 | FSDP2 |"
     assert len(text.splitlines()) == 2 + 2 * len(plan.QWEN25)
-    assert "| Qwen2.5-7B (7.62B) | full | 260.4 | 116.8 | 45.0 | 45.0 |" in text
+    assert "| Qwen2.5-7B (7.62B) | full | 260.4 | 116.8 | 68.9 | 68.9 |" in text
