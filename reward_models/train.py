@@ -22,7 +22,7 @@ from reward_models.data import build_dataset, build_grouped_dataset, collate_gro
 from reward_models.loss import bradley_terry_loss, pair_metrics
 from reward_models.model import score_texts
 from rlhf.config import PipelineConfig
-from rlhf.distributed import describe
+from rlhf.distributed import complete_engine, describe, full_weights, join_process_group, shards_weights
 from rlhf.generation import generate_texts, stop_token_ids
 from rlhf.models import (cast_parameters, default_dtype, load_causal_lm, load_reward_model, load_tokenizer,
                          set_training_attention, stage_device)
@@ -155,10 +155,59 @@ def checked_loss(trainer_cls, rc):
     return CheckedLoss
 
 
+def on_engine(trainer_cls):
+    """`trainer_cls` on the engine of the launch, as the other stages run it: the Trainer makes its own Accelerator,
+    completed here as `start_accelerator` completes theirs (`complete_engine`: FSDP2 also on CPU processes, and
+    under ZeRO-3 models loaded afterwards stay whole)."""
+    class OnEngine(trainer_cls):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            complete_engine(self.accelerator)
+            self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
+
+    return OnEngine
+
+
+def initial_reward_model(cfg: PipelineConfig, tokenizer, device: str):
+    """The reward model before training, fp32: the backbone (its first `reward.num_layers` layers) with a new score
+    head drawn from torch's random stream."""
+    rc = cfg.reward
+    model = load_reward_model(rc.backbone or cfg.model.policy, torch.float32, cfg.model.trust_remote_code,
+                              rc.num_layers)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    set_training_attention(model, device)
+    return model
+
+
+def trained_model(trainer, cfg: PipelineConfig, tokenizer, device: str):
+    """The trained model (LoRA adapters, when trained, not merged) whole in the main process, None in the others
+    (every process calls it). Weights sharded by the engine (FSDP2, ZeRO-3) are gathered and copied into a model
+    of the main process's own, built as training began."""
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    if not shards_weights(accelerator):
+        return model if accelerator.is_main_process else None
+    plain = None
+    with full_weights(accelerator, model):
+        if accelerator.is_main_process:
+            plain = initial_reward_model(cfg, tokenizer, device)
+            if cfg.reward.lora:
+                from peft import get_peft_model
+
+                plain = get_peft_model(plain, model.peft_config["default"])
+            weights = {name: param.detach() for name, param in model.named_parameters()}
+            expected = {name for name, _ in plain.named_parameters()}
+            if set(weights) != expected:
+                raise RuntimeError(f"reward: the trained weights are not those of the model built for training: "
+                                   f"{sorted(set(weights) ^ expected)[:3]}")
+            plain.load_state_dict(weights, strict=False)  # parameters only: the buffers are the model's own
+    accelerator.wait_for_everyone()
+    return plain
+
+
 def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The reward stage: train, evaluate, normalise and save the reward model to `out/model` (published as
     `<run_dir>/reward/model`)."""
-    from accelerate import PartialState  # accelerate: only the training stages need it
     from trl import RewardConfig, RewardTrainer  # ~5 s to import (transformers' Trainer): only training needs it
 
     console = Console(stderr=True)
@@ -167,15 +216,12 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rc = cfg.reward
-    backbone = rc.backbone or cfg.model.policy
-    tokenizer = load_tokenizer(backbone, cfg.model.trust_remote_code, padding_side="right")
+    tokenizer = load_tokenizer(rc.backbone or cfg.model.policy, cfg.model.trust_remote_code, padding_side="right")
     device = stage_device(cfg)
     dtype = default_dtype(cfg.model.dtype, device)
     # fp32 master weights; bf16 (where `dtype` says so) through the trainer's autocast
     set_seed(cfg.run.seed)  # the new score head is initialised from the seed
-    model = load_reward_model(backbone, torch.float32, cfg.model.trust_remote_code, rc.num_layers)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    set_training_attention(model, device)
+    model = initial_reward_model(cfg, tokenizer, device)
     peft_config = None
     if rc.lora:
         from peft import LoraConfig  # ~4 s to import: only LoRA reward models need it
@@ -188,14 +234,16 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     else:
         train_ds = build_dataset(tokenizer, train_pairs, rc.max_length, rc.use_margin)
         trainer_cls, collator = checked_loss(RewardTrainer, rc), None
-    # several processes (accelerate launch): each takes a share of every batch (cpu=True: gloo over CPU processes)
-    state = PartialState(cpu=device == "cpu")
+    # several processes (accelerate launch): each takes a share of every batch
+    state = join_process_group(device == "cpu")
     is_main, per_process = state.is_main_process, rc.batch_size // state.num_processes
     if per_process * state.num_processes != rc.batch_size:
         raise UserError(f"reward.batch_size={rc.batch_size} must be divisible by the number of processes "
                         f"({state.num_processes})")
     tracker = Tracker(cfg, "reward", out, enabled=is_main)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
+        # the Trainer makes its own Accelerator from these arguments and the launch: DeepSpeed runs even with
+        # `use_cpu` (accelerate reads the launch for it), FSDP on CPU processes only through `on_engine`
         args = RewardConfig(
             output_dir=tmp, per_device_train_batch_size=per_process,
             gradient_accumulation_steps=rc.gradient_accumulation_steps, num_train_epochs=rc.epochs,
@@ -205,13 +253,14 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
             use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
             remove_unused_columns=False,
         )
-        trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                              data_collator=collator, peft_config=peft_config, callbacks=[forward_logs(tracker)])
+        trainer = on_engine(trainer_cls)(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                                         data_collator=collator, peft_config=peft_config,
+                                         callbacks=[forward_logs(tracker)])
         if is_main:
             console.print(describe(trainer.accelerator, "reward", dtype))
         trainer.train()
-        model = trainer.accelerator.unwrap_model(trainer.model)
-    if not is_main:  # the trained weights are the same in every process: the first one evaluates and saves them
+        model = trained_model(trainer, cfg, tokenizer, device)
+    if not is_main:  # the first process holds the trained weights whole (`trained_model`): it evaluates and saves them
         return out / "model"
     if rc.lora:
         model = model.merge_and_unload()

@@ -95,28 +95,14 @@ def join_process_group(cpu: bool):
 
 
 def start_accelerator(cpu: bool, **kwargs):
-    """The stage's `Accelerator` for whatever `accelerate launch` asked for, also on the CPU: accelerate turns
-    FSDP on only for accelerator devices and otherwise runs DDP without a word, so the FSDP launch setting
-    (ACCELERATE_USE_FSDP) is applied here to CPU processes too."""
-    from accelerate import Accelerator, PartialState  # accelerate takes ~1 s to import: training stages only
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+    """The stage's `Accelerator` for whatever `accelerate launch` asked for, also on the CPU (`complete_engine`)."""
+    from accelerate import Accelerator  # accelerate takes ~1 s to import: training stages only
+    from accelerate.utils import InitProcessGroupKwargs
 
     join_process_group(cpu)
     handlers = [InitProcessGroupKwargs(**process_group_settings(cpu))] if launched_processes() > 1 else []
     accelerator = Accelerator(cpu=cpu and not deepspeed_launch(), kwargs_handlers=handlers, **kwargs)
-    if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-            and accelerator.distributed_type == DistributedType.MULTI_CPU):
-        # every `AcceleratorState()` copies PartialState's type again, so both are set
-        PartialState().distributed_type = DistributedType.FSDP
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* settings
-    if accelerator.distributed_type.name == "DEEPSPEED" and not accelerator.state.deepspeed_plugin.zero3_init_flag:
-        # accelerate tells transformers about ZeRO-3 even with `zero3_init_flag: false`, and every model loaded
-        # afterwards would come up partitioned; the frozen ones (reference, reward model, sampling copy) are never
-        # wrapped by the engine and must stay whole. The engine partitions the trained ones when it wraps them.
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
+    complete_engine(accelerator)
     return accelerator
 
 
@@ -204,6 +190,29 @@ def full_weights(accelerator, model: torch.nn.Module, part: torch.nn.Module | No
             yield
     else:
         yield
+
+
+def complete_engine(accelerator) -> None:
+    """What accelerate leaves undone of the launch's engine, done on an `Accelerator` just made (`start_accelerator`'s,
+    or the one transformers' Trainer makes for itself). accelerate turns FSDP on only for accelerator devices and
+    otherwise runs DDP without a word, so the FSDP launch setting (ACCELERATE_USE_FSDP) is applied here to CPU
+    processes too. Under DeepSpeed without `zero3_init_flag`, models loaded afterwards stay whole."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            and accelerator.distributed_type == DistributedType.MULTI_CPU):
+        # every `AcceleratorState()` copies PartialState's type again, so both are set
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* settings
+    if accelerator.distributed_type.name == "DEEPSPEED" and not accelerator.state.deepspeed_plugin.zero3_init_flag:
+        # accelerate tells transformers about ZeRO-3 even with `zero3_init_flag: false`, and every model loaded
+        # afterwards would come up partitioned; the frozen ones (reference, reward model, sampling copy) are never
+        # wrapped by the engine and must stay whole. The engine partitions the trained ones when it wraps them.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 # ---------------------------------------------------------------------------------------------
