@@ -9,8 +9,10 @@ correlation of RM scores with gold scores).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,22 @@ def on_engine(trainer_cls):
     return OnEngine
 
 
+@contextlib.contextmanager
+def stage_precision(dtype: torch.dtype):
+    """Inside the block, the launch's mixed precision is the stage's `dtype` (`model.dtype`), as PPO has it:
+    transformers' training arguments read it from the launch (ACCELERATE_MIXED_PRECISION, set from the accelerate
+    config's `mixed_precision`), e.g. bf16 autocast on a CPU without bf16 units."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if dtype == torch.bfloat16 else "no"
+    try:
+        yield
+    finally:
+        if launched is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION")
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = launched
+
+
 def initial_reward_model(cfg: PipelineConfig, tokenizer, device: str):
     """The reward model before training, fp32: the backbone (its first `reward.num_layers` layers) with a new score
     head drawn from torch's random stream."""
@@ -244,18 +262,19 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         # the Trainer makes its own Accelerator from these arguments and the launch: DeepSpeed runs even with
         # `use_cpu` (accelerate reads the launch for it), FSDP on CPU processes only through `on_engine`
-        args = RewardConfig(
-            output_dir=tmp, per_device_train_batch_size=per_process,
-            gradient_accumulation_steps=rc.gradient_accumulation_steps, num_train_epochs=rc.epochs,
-            learning_rate=rc.learning_rate, lr_scheduler_type="linear", warmup_steps=0.05, logging_steps=5,
-            save_strategy="no", report_to="none", max_length=None,
-            center_rewards_coefficient=rc.center_rewards_coefficient, disable_dropout=True, seed=cfg.run.seed,
-            use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
-            remove_unused_columns=False,
-        )
-        trainer = on_engine(trainer_cls)(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                                         data_collator=collator, peft_config=peft_config,
-                                         callbacks=[forward_logs(tracker)])
+        with stage_precision(dtype):
+            args = RewardConfig(
+                output_dir=tmp, per_device_train_batch_size=per_process,
+                gradient_accumulation_steps=rc.gradient_accumulation_steps, num_train_epochs=rc.epochs,
+                learning_rate=rc.learning_rate, lr_scheduler_type="linear", warmup_steps=0.05, logging_steps=5,
+                save_strategy="no", report_to="none", max_length=None,
+                center_rewards_coefficient=rc.center_rewards_coefficient, disable_dropout=True, seed=cfg.run.seed,
+                use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, dataloader_num_workers=0,
+                remove_unused_columns=False,
+            )
+            trainer = on_engine(trainer_cls)(model=model, args=args, train_dataset=train_ds,
+                                             processing_class=tokenizer, data_collator=collator,
+                                             peft_config=peft_config, callbacks=[forward_logs(tracker)])
         if is_main:
             console.print(describe(trainer.accelerator, "reward", dtype))
         trainer.train()

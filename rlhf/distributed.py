@@ -244,6 +244,6 @@ def single_process_warning(accelerator) -> str | None:
     launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
     if accelerator.num_processes == 1 and launched_cpu and "WORLD_SIZE" not in os.environ:
         return ("one process: `accelerate launch --cpu` (or a MULTI_CPU config) starts a single process whatever "
-                "--num_processes says; for N processes on the CPU launch with ACCELERATE_USE_CPU=1 and "
-                "--multi_gpu --num_processes N (README, Several processes)")
+                "--num_processes says; for N processes on the CPU launch a config of configs/accelerate/ (e.g. "
+                "--config_file configs/accelerate/ddp.yaml --num_processes N; README, Several processes)")
     return None

@@ -1,24 +1,21 @@
 """Command lines that run the shipped engine configs (configs/accelerate/) as 2 processes on the CPU.
 
-    argv, env = cpu_launch("zero2", ["tests/distributed_probe.py", str(out)], tmp_path)
+    argv, env = cpu_launch("zero2", ["-m", "rlhf.cli", "ppo", "configs/tiny.yaml"], tmp_path)
     subprocess.run(argv, env=env, check=True)
 
-The configs are written for GPUs; on the CPU each engine needs a different nudge from outside the
-program, found by trying each one (torch 2.13 CPU, accelerate 1.15, deepspeed 0.19.8):
-- ddp, fsdp2: `ACCELERATE_USE_CPU=1`, else no process finds a GPU and each runs alone as rank 0.
-  fsdp2 still comes up as plain DDP (accelerate turns FSDP on only for accelerator devices); the
-  program has to set the FSDP type itself (see `enable_fsdp_on_cpu` in tests/distributed_probe.py).
-- zero2, zero3: `DS_ACCELERATOR=cpu` and *not* `ACCELERATE_USE_CPU` (with it accelerate drops DeepSpeed
-  and runs DDP without a word). The program must ask for the gloo backend
-  (`InitProcessGroupKwargs(backend="gloo")`) and set `train_micro_batch_size_per_gpu` when it prepares
-  no DataLoader. The first launch JIT-compiles DeepSpeed's `deepspeed_shm_comm` op into
-  `TORCH_EXTENSIONS_DIR` (about 2 minutes on 2 cores, needs a C++ compiler); later launches load it.
+The command is the README's, `accelerate launch --config_file configs/accelerate/<engine>.yaml
+--num_processes 2 ...`, unchanged on the CPU: the configs are written for GPUs (bf16, GPU ids), and
+what each engine needs on CPU processes is done by the project (rlhf.distributed: gloo, FSDP turned
+on for CPU processes, models loaded whole under ZeRO-3, the stage's own precision). Found by trying
+each (torch 2.13 CPU, accelerate 1.15, deepspeed 0.19.8):
+- ACCELERATE_USE_CPU is taken out of the environment: with it accelerate drops DeepSpeed and runs DDP
+  without a word (and `accelerate launch --cpu` starts one process, `rlhf.distributed.single_process_warning`).
+- The first DeepSpeed launch JIT-compiles its `deepspeed_shm_comm` op into `TORCH_EXTENSIONS_DIR`
+  (about 2 minutes on 2 cores, needs a C++ compiler); later launches load it. Without DS_ACCELERATOR,
+  DeepSpeed finds no GPU, says so on stdout, and runs on the CPU.
 - zero3 with tiny models: DeepSpeed keeps every parameter under `stage3_param_persistence_threshold`
   (1e5 elements by default) whole on every rank, so a tiny model would not be sharded at all; the
   launch uses a copy of zero3.json with the threshold at 0.
-Mixed precision: `--mixed_precision no` for ddp and fsdp2 (their yamls say bf16, for GPUs); the zero
-yamls have none (accelerate refuses one next to a DeepSpeed file), and their JSON's `bf16: auto` follows
-the `mixed_precision` the program gives its Accelerator.
 """
 
 from __future__ import annotations
@@ -58,13 +55,9 @@ def cpu_launch(engine: str, target: list[str], workdir: Path, num_processes: int
             "--num_processes", str(num_processes), "--num_machines", str(num_machines),
             "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
             "--main_process_port", str(port or free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if engine.startswith("zero"):
-        env.pop("ACCELERATE_USE_CPU", None)
-        env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(EXTENSIONS_DIR))
-    else:
-        env["ACCELERATE_USE_CPU"] = "1"
-        argv += ["--mixed_precision", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR)}
+    env.pop("ACCELERATE_USE_CPU", None)
     if engine == "zero3":
         ds_config = json.loads((PROJECT_ROOT / "configs" / "accelerate" / "zero3.json").read_text())
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
