@@ -233,12 +233,10 @@ COMMANDS = [
          "tiny run either way", check_nbconvert),
     Rule(r"\.venv/bin/wandb sync runs/<name>/wandb/offline-\*", "needs the W&B service and an account: "
          "`wandb sync --help` instead", check_wandb_sync),
-    Rule(r"\.venv/bin/accelerate launch --config_file configs/accelerate/ddp\.yaml -m rlhf\.cli run configs/default\.yaml",
-         "needs 8 GPUs: the config loads in tests/test_launch_configs.py, and the same launch runs on 2 CPU "
-         "processes in tests/test_distributed.py"),
-    Rule(r"ACCELERATE_USE_CPU=1 \.venv/bin/accelerate launch --config_file configs/accelerate/ddp\.yaml "
-         r"--num_processes 2 --mixed_precision no -m rlhf\.cli ppo configs/tiny\.yaml",
-         "tests/test_distributed.py launches the same command (tests/distributed_launch.py) on a copy of a tiny run"),
+    Rule(r"\.venv/bin/accelerate launch --config_file configs/accelerate/zero3\.yaml --num_processes 2 "
+         r"-m rlhf\.cli ppo configs/tiny\.yaml",
+         "tests/test_distributed.py launches the same command for every shipped config (tests/distributed_launch.py) "
+         "on a copy of a tiny run"),
     Rule(r"\.venv/bin/torchrun --nproc_per_node 2 -m rlhf\.cli ppo configs/tiny\.yaml",
          "two CPU processes over gloo: tests/test_ppo.py::test_two_cpu_processes runs the same command"),
     Rule(r"\.venv/bin/python benchmarks/memory_plan\.py --gpus 8", "as written, its table against the README's",
