@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from rlhf.distributed import quiet_deepspeed_on_cpu
+
+    quiet_deepspeed_on_cpu()  # before accelerate is imported
     from rlhf.config import load_config
     from rlhf.pipeline import run_pipeline
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.util
 import os
 import random
 from datetime import timedelta
@@ -67,6 +68,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # engines
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """Tell DeepSpeed, when it is installed, that a machine without a GPU runs on the CPU (DS_ACCELERATOR=cpu),
+    unless the environment already names its accelerator. accelerate imports DeepSpeed whenever it is installed,
+    and DeepSpeed would otherwise find the CPU by itself and say so on stdout (the output of `rlhf bench --json`)."""
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if "DS_ACCELERATOR" not in os.environ and not gpu and importlib.util.find_spec("deepspeed") is not None:
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def launched_processes() -> int:

@@ -11,8 +11,8 @@ each (torch 2.13 CPU, accelerate 1.15, deepspeed 0.19.8):
 - ACCELERATE_USE_CPU is taken out of the environment: with it accelerate drops DeepSpeed and runs DDP
   without a word (and `accelerate launch --cpu` starts one process, `rlhf.distributed.single_process_warning`).
 - The first DeepSpeed launch JIT-compiles its `deepspeed_shm_comm` op into `TORCH_EXTENSIONS_DIR`
-  (about 2 minutes on 2 cores, needs a C++ compiler); later launches load it. Without DS_ACCELERATOR,
-  DeepSpeed finds no GPU, says so on stdout, and runs on the CPU.
+  (about 2 minutes on 2 cores, needs a C++ compiler); later launches load it. DS_ACCELERATOR=cpu is set
+  by the project on a machine without a GPU (`rlhf.distributed.quiet_deepspeed_on_cpu`).
 - zero3 with tiny models: DeepSpeed keeps every parameter under `stage3_param_persistence_threshold`
   (1e5 elements by default) whole on every rank, so a tiny model would not be sharded at all; the
   launch uses a copy of zero3.json with the threshold at 0.
