@@ -24,7 +24,7 @@ from reward_models.data import build_dataset, build_grouped_dataset, collate_gro
 from reward_models.loss import bradley_terry_loss, pair_metrics
 from reward_models.model import score_texts
 from rlhf.config import PipelineConfig
-from rlhf.distributed import complete_engine, describe, full_weights, join_process_group, shards_weights
+from rlhf.distributed import complete_engine, describe, join_process_group, whole_copy
 from rlhf.generation import generate_texts, stop_token_ids
 from rlhf.models import (cast_parameters, default_dtype, load_causal_lm, load_reward_model, load_tokenizer,
                          set_training_attention, stage_device)
@@ -200,27 +200,18 @@ def initial_reward_model(cfg: PipelineConfig, tokenizer, device: str):
 def trained_model(trainer, cfg: PipelineConfig, tokenizer, device: str):
     """The trained model (LoRA adapters, when trained, not merged) whole in the main process, None in the others
     (every process calls it). Weights sharded by the engine (FSDP2, ZeRO-3) are gathered and copied into a model
-    of the main process's own, built as training began."""
-    accelerator = trainer.accelerator
-    model = accelerator.unwrap_model(trainer.model)
-    if not shards_weights(accelerator):
-        return model if accelerator.is_main_process else None
-    plain = None
-    with full_weights(accelerator, model):
-        if accelerator.is_main_process:
-            plain = initial_reward_model(cfg, tokenizer, device)
-            if cfg.reward.lora:
-                from peft import get_peft_model
+    of the main process's own, built as training began (`whole_copy`)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
 
-                plain = get_peft_model(plain, model.peft_config["default"])
-            weights = {name: param.detach() for name, param in model.named_parameters()}
-            expected = {name for name, _ in plain.named_parameters()}
-            if set(weights) != expected:
-                raise RuntimeError(f"reward: the trained weights are not those of the model built for training: "
-                                   f"{sorted(set(weights) ^ expected)[:3]}")
-            plain.load_state_dict(weights, strict=False)  # parameters only: the buffers are the model's own
-    accelerator.wait_for_everyone()
-    return plain
+    def build():
+        plain = initial_reward_model(cfg, tokenizer, device)
+        if cfg.reward.lora:
+            from peft import get_peft_model  # peft: only LoRA reward models need it
+
+            plain = get_peft_model(plain, model.peft_config["default"])
+        return plain
+
+    return whole_copy(trainer.accelerator, model, model, build)
 
 
 def run_reward(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.models import load_causal_lm
 from rlhf.distributed import (SPLIT_ENGINES, engine, engine_checkpoints, full_weights, gather_rng_states,
-                              set_rng_state, shards_weights)
+                              set_rng_state, whole_copy)
 from rlhf.ppo_models import PolicyAndValue, add_lora
 from rlhf.utils import UserError, atomic_dir, atomic_write_json, fsync_dir, fsync_tree, read_jsonl, warn
 
@@ -186,13 +186,9 @@ def resume(out: Path, fingerprint: str, accelerator, model, optimizer, scheduler
 def save_final_policy(accelerator, cfg, model: PolicyAndValue, tokenizer, out: Path, dtype) -> None:
     """The stage's final policy as one plain HF folder (`save_policy`), whatever the engine; every process calls
     it. Sharded weights are gathered, and the main process copies them into a policy of its own to save."""
-    with full_weights(accelerator, model, model.policy):
-        if accelerator.is_main_process:
-            policy = model.policy
-            if shards_weights(accelerator):  # the engine's modules hold gathered views: save a plain copy
-                policy = fresh_policy(cfg, dtype)
-                policy.load_state_dict({k: v.detach() for k, v in model.policy.named_parameters()}, strict=False)
-            save_policy(policy, tokenizer, out, cfg.ppo.merge_lora)
+    policy = whole_copy(accelerator, model, model.policy, lambda: fresh_policy(cfg, dtype))
+    if accelerator.is_main_process:
+        save_policy(policy, tokenizer, out, cfg.ppo.merge_lora)
     accelerator.wait_for_everyone()
 
 

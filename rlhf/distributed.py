@@ -202,6 +202,26 @@ def full_weights(accelerator, model: torch.nn.Module, part: torch.nn.Module | No
         yield
 
 
+def whole_copy(accelerator, model: torch.nn.Module, part: torch.nn.Module, build: Callable[[], torch.nn.Module]):
+    """`part` of the engine-wrapped `model` as a module whole in the main process (None in the others; every process
+    calls it): `part` itself where the engine keeps the weights whole, else `build()` (the same architecture, built
+    afresh) with the gathered weights copied in by name; for the main process to save or evaluate."""
+    if not shards_weights(accelerator):
+        return part if accelerator.is_main_process else None
+    copy = None
+    with full_weights(accelerator, model, part):
+        if accelerator.is_main_process:
+            copy = build()
+            weights = {name: param.detach() for name, param in part.named_parameters()}
+            expected = {name for name, _ in copy.named_parameters()}
+            if set(weights) != expected:
+                raise RuntimeError(f"the trained weights are not those of the model built to hold them: "
+                                   f"{sorted(set(weights) ^ expected)[:3]}")
+            copy.load_state_dict(weights, strict=False)  # parameters only: the buffers are the copy's own
+    accelerator.wait_for_everyone()
+    return copy
+
+
 def complete_engine(accelerator) -> None:
     """What accelerate leaves undone of the launch's engine, done on an `Accelerator` just made (`start_accelerator`'s,
     or the one transformers' Trainer makes for itself). accelerate turns FSDP on only for accelerator devices and
