@@ -7,10 +7,16 @@ executions it read. A stage that is not done runs in a work folder of its own,
 `<run_dir>/<stage>` in one rename, and `config.yaml` is written. A stage that fails or is killed leaves
 the run directory as it was. PPO's work folder is named by what its checkpoints belong to, so a killed
 PPO run resumes from it, and the work of another config is kept apart until a PPO run finishes.
+
+One process at a time writes a run directory: the main process holds an exclusive lock on the folder
+(`flock`, released when the process ends, however it ends), and a second `rlhf` command on the same
+folder stops with one line naming the process that holds it, before it touches anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import time
@@ -66,6 +72,39 @@ def recover(run_dir: Path) -> None:
                 os.replace(old, Path(run_dir) / stage)
 
 
+def lock_holder(folder: Path) -> str | None:
+    """`pid N (its command line)` of the process holding an flock on `folder`, from /proc/locks (Linux)."""
+    st = os.stat(folder)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        locks = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in locks:
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
+            try:
+                command = Path(f"/proc/{fields[4]}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                command = ""
+            return f"pid {fields[4]}" + (f": {command}" if command else "")
+    return None
+
+
+def hold_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> None:
+    """Lock `run_dir` for this process until `stack` closes; UserError when another process holds it."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    stack.callback(os.close, fd)  # closing the descriptor releases the lock, as the end of the process does
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(run_dir)
+        raise UserError(f"run directory {run_dir} is in use by another rlhf process"
+                        f"{f' ({holder})' if holder else ''}: wait for it to finish or stop it (two processes "
+                        f"writing one run directory would mix their results), or give this run another "
+                        f"run.output_dir") from None
+
+
 def publish(work: Path, run_dir: Path, stage: str) -> None:
     """Replace `<run_dir>/<stage>` by the finished work folder."""
     final, old = Path(run_dir) / stage, Path(run_dir) / PARTIAL / f"{stage}.old"
@@ -110,14 +149,24 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, start: str | None
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     selected = [only] if only else list(STAGES[STAGES.index(start):] if start else STAGES)
     run_dir = Path(cfg.run.output_dir)
-    if run_dir.is_dir() and is_main_process():
-        recover(run_dir)
-    for stage in STAGES[: STAGES.index(selected[0])]:  # before the up-front checks, which may load a tokenizer
-        require_done(cfg, run_dir, stage, selected[0])
-    preflight(cfg, selected)  # everything the selected stages will read, before any expensive work
-    start_process_group(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as lock:
+        locked = run_dir.is_dir() and is_main_process()
+        if locked:  # before anything reads or repairs the folder
+            hold_run_dir(run_dir, lock)
+            recover(run_dir)
+        for stage in STAGES[: STAGES.index(selected[0])]:  # before the up-front checks, which may load a tokenizer
+            require_done(cfg, run_dir, stage, selected[0])
+        preflight(cfg, selected)  # everything the selected stages will read, before any expensive work
+        start_process_group(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if is_main_process() and not locked:
+            hold_run_dir(run_dir, lock)
+        return run_stages(cfg, run_dir, selected, force, start)
 
+
+def run_stages(cfg: PipelineConfig, run_dir: Path, selected: list[str], force: bool,
+               start: str | None) -> dict[str, Path]:
+    """Run the selected stages in order, each unless it is done (see run_pipeline)."""
     outputs: dict[str, Path] = {}
     for stage in selected:
         forced = force or (start is not None and stage == start)

@@ -518,3 +518,74 @@ def test_a_hub_model_enters_by_its_cached_revision(fake, run_dir, tmp_path, monk
     (repo / "refs" / "main").write_text("b" * 40)
     run_pipeline(cfg)
     assert fake.take() == list(STAGES)
+
+
+# ---------------------------------------------------------------------------------------------
+# one process at a time in a run directory
+
+
+def can_lock(folder: Path) -> bool:
+    """Whether a new descriptor of this process could take the folder's lock now (flock locks belong to
+    open descriptions: another open of the folder conflicts with run_pipeline's, as another process would)."""
+    import fcntl
+    import os
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_the_run_directory_is_locked_while_stages_run_and_free_after(fake, run_dir, exists, monkeypatch):
+    if exists:
+        run_dir.mkdir()
+    seen = []
+    stage_fn = fake("ppo")
+
+    def locked_stage(stage):
+        def fn(cfg, rd, out):
+            seen.append((stage, can_lock(rd)))
+            return stage_fn(cfg, rd, out)
+        return fn
+
+    monkeypatch.setattr(pipeline, "stage_function", locked_stage)
+    run_pipeline(cfg_for(run_dir))
+    assert seen == [(s, False) for s in STAGES]
+    assert can_lock(run_dir)  # released on return
+    fake.fail.add("eval")
+    monkeypatch.setattr(pipeline, "stage_function", fake)
+    with pytest.raises(RuntimeError, match="eval exploded"):
+        run_pipeline(cfg_for(run_dir, "ppo.kl_coef=0.3"))
+    assert can_lock(run_dir)  # and when a stage raises
+
+
+def test_a_second_process_on_a_run_directory_stops_before_touching_it(run_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (run_dir / PARTIAL).mkdir(parents=True)
+    (run_dir / PARTIAL / "prefs.old").mkdir()  # what a first run may be in the middle of: not to be "recovered"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "run", "configs/tiny.yaml", f"run.output_dir={run_dir}"],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"run directory {run_dir} is in use by another rlhf process" in lines[0]
+        assert f"(pid {holder.pid}: {sys.executable} -c import fcntl" in lines[0]
+        assert (run_dir / PARTIAL / "prefs.old").is_dir() and not (run_dir / "prefs").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert can_lock(run_dir)  # a killed holder leaves no lock behind
