@@ -241,6 +241,8 @@ COMMANDS = [
          "two CPU processes over gloo: tests/test_ppo.py::test_two_cpu_processes runs the same command"),
     Rule(r"\.venv/bin/python benchmarks/memory_plan\.py --gpus 8", "as written, its table against the README's",
          check_memory_plan),
+    Rule(r"\.venv/bin/python benchmarks/ppo_study\.py runs/default( \S+)*", "reruns PPO and eval on the default "
+         "run (tens of minutes on 2 cores): tests/test_ppo_study.py runs the script on the tiny run"),
     Rule(r"python -m venv \.peer-venv", "the peer's venv (TRL 1.12 and a second torch, downloaded)"),
     Rule(r"\.peer-venv/bin/pip install .*", "the peer's venv (TRL 1.12 and a second torch, downloaded)"),
     Rule(r"bash benchmarks/side_by_side\.sh .*", "needs the peer's venv, and tens of minutes"),

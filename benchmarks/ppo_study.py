@@ -1,0 +1,172 @@
+"""Rerun PPO and eval on a finished run's preference data and reward model, with overrides, and tabulate.
+
+    python benchmarks/ppo_study.py runs/default kl0.15 ppo.kl_coef=0.15
+    python benchmarks/ppo_study.py runs/default --table
+    python benchmarks/ppo_study.py runs/default --kl-breakdown
+
+A trial copies `<base>/prefs` and `<base>/reward` into `<base>-study/<name>` and runs
+`rlhf run <base>/config.yaml` there with the overrides (prefs and reward are then done and skipped).
+Overrides of the reward stage's inputs (`reward.*`, `ppo.max_new_tokens`, `ppo.temperature`) retrain
+the reward model, and the stage time says so. Unless the overrides set `eval.best_of_n`, a trial's eval
+skips the best-of-n samples (`eval.best_of_n=[]`): they do not depend on the policy, so the base run's
+frontier is the one every trial is read against (same reward model, reference, prompts and seed).
+
+Each trial appends one row to `<base>-study/results.jsonl`: held-out gold, KL, RM score, gold win rate,
+length, distinct-2, the last rollout's gold and KL, and the stage seconds. `--table` prints the base
+run and every trial as a Markdown table, with the best-of-n gold at each one's KL and the largest n's
+gold, both from the base run's frontier.
+
+`--kl-breakdown` says where a finished run's KL goes: it samples the eval stage's policy answers again
+(the same prompts, settings and seeds, so the same tokens), takes log π − log π_ref per token, and prints
+the KL by response position and the tokens that carry the most of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.eval_math import bon_gold_at_kl  # noqa: E402
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def base_frontier(base: Path) -> list[dict]:
+    path = base / "eval" / "frontier.jsonl"
+    if not path.exists():
+        sys.exit(f"{path} is missing: run the base with eval.best_of_n on (the default) first")
+    return [row for row in map(json.loads, path.read_text().splitlines()) if row["method"] == "best_of_n"]
+
+
+def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
+    metrics = read_json(trial / "eval" / "metrics.json")
+    ppo_log = [json.loads(line) for line in (trial / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "name": name, "overrides": overrides,
+        "gold": metrics["policy_gold"], "ref_gold": metrics["ref_gold"], "kl": metrics["kl"],
+        "score": metrics["policy_score"], "win_rate_gold": metrics["win_rate_gold"],
+        "policy_length": metrics["policy_length"], "distinct_2": metrics["policy_distinct_2"],
+        "rollout_gold_last": ppo_log[-1].get("objective/gold"), "rollout_kl_last": ppo_log[-1].get("objective/kl"),
+        "seconds": {stage: read_json(trial / stage / "_done.json")["seconds"] for stage in ("reward", "ppo", "eval")},
+    }
+
+
+def table(base: Path, rows: list[dict]) -> str:
+    """The trials as a Markdown table, each read against the base run's best-of-n frontier."""
+    points = base_frontier(base)
+    largest = max(points, key=lambda p: p["n"])
+    lines = [f"| trial | overrides | gold | KL | RM score | gold win rate | best-of-n gold at its KL "
+             f"| best-of-{largest['n']} gold | length | distinct-2 | ppo s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bon_gold, beyond = bon_gold_at_kl(points, r["kl"])
+        lines.append(f"| {r['name']} | {' '.join(r['overrides']) or '(base settings)'} | {r['gold']:.3f} | {r['kl']:.2f} "
+                     f"| {r['score']:.2f} | {r['win_rate_gold']:.2f} | {bon_gold:.3f}{' (beyond)' if beyond else ''} "
+                     f"| {largest['gold']:.3f} | {r['policy_length']:.1f} | {r['distinct_2']:.2f} "
+                     f"| {r['seconds']['ppo']:.0f} | {r['seconds']['eval']:.0f} |")
+    return "\n".join(lines)
+
+
+def kl_breakdown(run: Path, top: int = 15) -> None:
+    """Per-token KL of a run's final policy on its eval prompts: by position, and the tokens carrying most."""
+    from collections import defaultdict
+
+    import torch
+
+    from rlhf.config import load_config
+    from rlhf.evaluate import sample_batches, sequence_logprobs
+    from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
+    from rlhf.ppo_models import Sequences
+    from rlhf.prompts import encode_config_prompts, load_prompts
+
+    cfg = load_config(run / "config.yaml", [])
+    device = stage_device(cfg)
+    dtype = default_dtype(cfg.model.dtype, device)
+    tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
+    prompts = load_prompts(cfg.eval.prompts or cfg.data.test_prompts, cfg.data.prompt_column,
+                           cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split, cfg.eval.num_prompts)
+    enc = encode_config_prompts(cfg, prompts, tokenizer)
+    policy = load_causal_lm(str(run / "ppo" / "policy"), dtype, cfg.model.trust_remote_code).to(device).eval()
+    reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
+    temperature = 1.0 if cfg.eval.greedy else cfg.eval.temperature
+    kls, masks, tokens = [], [], []
+    for ids, mask, responses in sample_batches(policy, tokenizer, enc.input_ids, cfg, device, "policy"):
+        args = (Sequences.join(ids, mask, responses.ids, responses.mask), responses, temperature, cfg.eval.batch_size)
+        kls.append(sequence_logprobs(policy, *args) - sequence_logprobs(reference, *args))
+        masks.append(responses.mask)
+        tokens.append(responses.ids)
+    width = max(k.shape[1] for k in kls)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+    kl, mask, ids = (torch.cat([pad(t, 0) for t in group]) for group in (kls, masks, tokens))
+    mask = mask.bool()
+    total = kl[mask].sum().item()
+    rows = kl.shape[0]
+    print(f"{run}: sequence KL {total / rows:.2f} nats over {rows} answers, "
+          f"{mask.sum().item() / rows:.1f} tokens each")
+    print("| response tokens | share of the KL | KL per token |\n|---|---|---|")
+    edges = [0, 1, 2, 4, 8, 16, 24, width]
+    for a, b in zip(edges, edges[1:]):
+        part = kl[:, a:b][mask[:, a:b]]
+        if part.numel():
+            print(f"| {a + 1}-{b} | {part.sum().item() / total:.2f} | {part.mean().item():.3f} |")
+    by_token: dict[int, list[float]] = defaultdict(list)
+    for token, value in zip(ids[mask].tolist(), kl[mask].tolist()):
+        by_token[token].append(value)
+    print("\n| token | times | KL carried (share) | KL per use |\n|---|---|---|---|")
+    for token, values in sorted(by_token.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"| {tokenizer.decode([token])!r} | {len(values)} | {sum(values) / total:.3f} "
+              f"| {sum(values) / len(values):.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("base", type=Path, help="a finished run directory (all four stages done)")
+    p.add_argument("name", nargs="?", help="trial name: <base>-study/<name>")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--table", action="store_true", help="print the results so far and exit")
+    p.add_argument("--kl-breakdown", action="store_true", help="where the base run's KL goes, and exit")
+    args = p.parse_args()
+    base = args.base.resolve()
+    study = base.with_name(base.name + "-study")
+    results = study / "results.jsonl"
+    if args.kl_breakdown:
+        kl_breakdown(base)
+        return
+    if args.table:
+        rows = [json.loads(line) for line in results.read_text().splitlines()]
+        print(table(base, [trial_row(base, "base", [])] + rows))
+        return
+    if not args.name:
+        p.error("a trial needs a name")
+    if not (base / "reward" / "_done.json").exists():
+        sys.exit(f"{base} has no finished reward stage: run `rlhf run` on its config first")
+    trial = study / args.name
+    trial.mkdir(parents=True, exist_ok=True)
+    for stage in ("prefs", "reward"):
+        if not (trial / stage).exists():
+            shutil.copytree(base / stage, trial / stage)
+    overrides = list(args.overrides)
+    if not any(o.startswith("eval.best_of_n=") for o in overrides):
+        overrides.append("eval.best_of_n=[]")
+    command = [sys.executable, "-m", "rlhf.cli", "run", str(base / "config.yaml"), f"run.output_dir={trial}",
+               "tracking.wandb=off", *overrides]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    row = trial_row(trial, args.name, args.overrides)
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+    if (base / "eval" / "frontier.jsonl").exists():
+        print(table(base, [row]))
+
+
+if __name__ == "__main__":
+    main()

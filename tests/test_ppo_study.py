@@ -1,0 +1,66 @@
+"""benchmarks/ppo_study.py: PPO and eval rerun on a finished run's preference data and reward model."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rlhf.eval_math import bon_gold_at_kl
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = PROJECT_ROOT / "benchmarks" / "ppo_study.py"
+
+
+def study(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                          timeout=900)
+
+
+def test_a_trial_reuses_prefs_and_reward_and_is_read_against_the_base_frontier(tiny_run_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run_dir, base)
+    proc = study(str(base), "kl0.3", "ppo.kl_coef=0.3", "ppo.num_updates=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trial = tmp_path / "base-study" / "kl0.3"
+    for stage in ("prefs", "reward"):  # copied and found done: the same executions, not recomputed
+        assert json.loads((trial / stage / "_done.json").read_text())["id"] == \
+            json.loads((base / stage / "_done.json").read_text())["id"]
+    config = (trial / "config.yaml").read_text()
+    assert "kl_coef: 0.3" in config and "num_updates: 2" in config
+    assert not (trial / "eval" / "frontier.jsonl").exists() or all(
+        json.loads(line)["method"] == "ppo" for line in (trial / "eval" / "frontier.jsonl").read_text().splitlines())
+
+    row = json.loads((tmp_path / "base-study" / "results.jsonl").read_text())
+    metrics = json.loads((trial / "eval" / "metrics.json").read_text())
+    assert row["name"] == "kl0.3" and row["overrides"] == ["ppo.kl_coef=0.3", "ppo.num_updates=2"]
+    assert (row["gold"], row["kl"], row["win_rate_gold"]) == \
+        (metrics["policy_gold"], metrics["kl"], metrics["win_rate_gold"])
+    assert len((trial / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    table = study(str(base), "--table")
+    assert table.returncode == 0, table.stderr[-3000:]
+    lines = table.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| base |") and lines[3].startswith("| kl0.3 |")
+    frontier = [json.loads(line) for line in (base / "eval" / "frontier.jsonl").read_text().splitlines()]
+    bon_gold, _ = bon_gold_at_kl([p for p in frontier if p["method"] == "best_of_n"], row["kl"])
+    assert f"| {bon_gold:.3f}" in lines[3]
+
+
+def test_a_base_without_a_reward_model_is_one_line(tmp_path):
+    proc = study(str(tmp_path), "trial", "ppo.kl_coef=0.3")
+    assert proc.returncode != 0 and "no finished reward stage" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_kl_breakdown_resamples_the_eval_answers_and_splits_their_kl(tiny_run_dir):
+    proc = study(str(tiny_run_dir), "--kl-breakdown")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
+    lines = proc.stdout.splitlines()
+    assert f"sequence KL {metrics['kl']:.2f} nats over {metrics['num_prompts']} answers, " \
+           f"{metrics['policy_length']:.1f} tokens each" in lines[0]
+    first = lines.index("| response tokens | share of the KL | KL per token |")
+    by_position = lines[first + 2:lines.index("", first)]
+    assert by_position[0].startswith("| 1-1 |")
+    assert abs(sum(float(line.split("|")[2]) for line in by_position) - 1) < 0.01  # shares of one total
