@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     # default OUT_DIR: benchmarks/results/gpu
 #
-# 1. the GPU-marked tests (tests/test_gpu.py: padding invariance, the tiny pipeline in bf16, exact resume);
+# 1. the GPU-marked tests (`-m gpu`: tests/test_gpu.py's padding invariance, tiny pipeline in bf16 and exact
+#    resume; tests/test_generation.py's decode loop drawing what HF generate draws on cuda);
 # 2. the default pipeline on cuda (`rlhf run configs/default.yaml run.device=cuda`), its time per stage,
 #    its held-out metrics and the GPU's peak memory (nvidia-smi, sampled every 200 ms);
 # 3. `rlhf bench` of the default config on cuda in bf16, 6 updates, with the run's trained reward model.
@@ -24,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 if [[ $STEPS == *1* ]]; then
 echo "== 1. GPU tests"
-"$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
+"$PY" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 
 if [[ $STEPS == *2* ]]; then
