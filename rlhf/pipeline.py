@@ -35,7 +35,7 @@ from rlhf.evaluate import run_eval
 from rlhf.ppo import run_ppo
 from rlhf.preflight import preflight
 from rlhf.stages import STAGES, marker_for, require_done, stage_identity, why_not_done, write_marker
-from rlhf.utils import UserError, fsync_dir
+from rlhf.utils import UserError, fsync_dir, warn
 
 PARTIAL = ".partial"
 MAIN_ONLY = ("prefs", "eval")  # stages that train nothing: with several processes, the main one runs them
@@ -103,6 +103,9 @@ def hold_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> None:
                         f"{f' ({holder})' if holder else ''}: wait for it to finish or stop it (two processes "
                         f"writing one run directory would mix their results), or give this run another "
                         f"run.output_dir") from None
+    except OSError as e:  # a file system without flock (some network mounts): run, unguarded
+        warn(f"cannot lock run directory {run_dir} ({e.strerror or e}): a second rlhf command on it would not be "
+             f"stopped")
 
 
 def publish(work: Path, run_dir: Path, stage: str) -> None:

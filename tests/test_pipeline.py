@@ -589,3 +589,15 @@ def test_a_second_process_on_a_run_directory_stops_before_touching_it(run_dir):
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     assert can_lock(run_dir)  # a killed holder leaves no lock behind
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(fake, run_dir, monkeypatch, capsys):
+    import errno
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(pipeline.fcntl, "flock", no_locks)
+    run_pipeline(cfg_for(run_dir))
+    assert fake.take() == list(STAGES)
+    assert f"cannot lock run directory {run_dir} (No locks available)" in capsys.readouterr().err
