@@ -73,7 +73,7 @@ def recover(run_dir: Path) -> None:
 
 
 def lock_holder(folder: Path) -> str | None:
-    """`pid N (its command line)` of the process holding an flock on `folder`, from /proc/locks (Linux)."""
+    """`pid N: its command line` of the process holding an flock on `folder`, from /proc/locks (Linux)."""
     st = os.stat(folder)
     device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
