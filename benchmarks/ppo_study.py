@@ -82,25 +82,20 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
     import torch
 
     from rlhf.config import load_config
-    from rlhf.evaluate import sample_batches, sequence_logprobs
+    from rlhf.evaluate import eval_prompts, policy_answers
     from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
-    from rlhf.ppo_models import Sequences
-    from rlhf.prompts import encode_config_prompts, load_prompts
+    from rlhf.prompts import encode_config_prompts
 
     cfg = load_config(run / "config.yaml", [])
     device = stage_device(cfg)
     dtype = default_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
-    prompts = load_prompts(cfg.eval.prompts or cfg.data.test_prompts, cfg.data.prompt_column,
-                           cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split, cfg.eval.num_prompts)
-    enc = encode_config_prompts(cfg, prompts, tokenizer)
+    enc = encode_config_prompts(cfg, eval_prompts(cfg), tokenizer)
     policy = load_causal_lm(str(run / "ppo" / "policy"), dtype, cfg.model.trust_remote_code).to(device).eval()
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
-    temperature = 1.0 if cfg.eval.greedy else cfg.eval.temperature
     kls, masks, tokens = [], [], []
-    for ids, mask, responses in sample_batches(policy, tokenizer, enc.input_ids, cfg, device, "policy"):
-        args = (Sequences.join(ids, mask, responses.ids, responses.mask), responses, temperature, cfg.eval.batch_size)
-        kls.append(sequence_logprobs(policy, *args) - sequence_logprobs(reference, *args))
+    for responses, lp, ref_lp in policy_answers(policy, reference, tokenizer, enc.input_ids, cfg, device, "policy"):
+        kls.append(lp - ref_lp)
         masks.append(responses.mask)
         tokens.append(responses.ids)
     width = max(k.shape[1] for k in kls)

@@ -77,13 +77,19 @@ def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineC
     return out
 
 
-def measure_policy(policy, reference, tokenizer, prompt_ids, cfg: PipelineConfig, device, desc: str) -> dict:
-    """The policy's responses, their length, and their per-sequence logprob under policy and reference."""
+def policy_answers(policy, reference, tokenizer, prompt_ids, cfg: PipelineConfig, device, desc: str):
+    """Per batch of the eval's policy answers: (Responses, per-token logprobs (B, R) under the policy, and
+    under the reference), 0 after the stop token."""
     temp = 1.0 if cfg.eval.greedy else cfg.eval.temperature
-    r: dict[str, list] = {"texts": [], "length": [], "kl": [], "ref_logprob": []}
     for ids, mask, responses in sample_batches(policy, tokenizer, prompt_ids, cfg, device, desc):
         args = (Sequences.join(ids, mask, responses.ids, responses.mask), responses, temp, cfg.eval.batch_size)
-        lp, ref_lp = sequence_logprobs(policy, *args), sequence_logprobs(reference, *args)
+        yield responses, sequence_logprobs(policy, *args), sequence_logprobs(reference, *args)
+
+
+def measure_policy(policy, reference, tokenizer, prompt_ids, cfg: PipelineConfig, device, desc: str) -> dict:
+    """The policy's responses, their length, and their per-sequence logprob under policy and reference."""
+    r: dict[str, list] = {"texts": [], "length": [], "kl": [], "ref_logprob": []}
+    for responses, lp, ref_lp in policy_answers(policy, reference, tokenizer, prompt_ids, cfg, device, desc):
         r["kl"] += (lp - ref_lp).sum(1).tolist()
         r["ref_logprob"] += ref_lp.sum(1).tolist()
         r["texts"] += decode_responses(tokenizer, responses)
@@ -176,15 +182,20 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
     return results, bon
 
 
+def eval_prompts(cfg: PipelineConfig) -> list[Any]:
+    """The held-out prompts the eval stage answers: `eval.prompts` (its `data.split`) or `data.test_prompts`."""
+    source = cfg.eval.prompts or cfg.data.test_prompts
+    split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
+    return load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
+
+
 def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The eval stage (see the module docstring)."""
     reward_dir = require_done(cfg, run_dir, "reward", "eval") / "model"
     ppo_dir = require_done(cfg, run_dir, "ppo", "eval")
     out = Path(out)
     device = stage_device(cfg)
-    source = cfg.eval.prompts or cfg.data.test_prompts
-    split = cfg.data.test_split if cfg.eval.prompts is None else cfg.data.split
-    prompts = load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
+    prompts = eval_prompts(cfg)
 
     policies = {}
     if cfg.eval.checkpoints:
