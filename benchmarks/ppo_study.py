@@ -14,7 +14,8 @@ frontier is the one every trial is read against (same reward model, reference, p
 Each trial appends one row to `<base>-study/results.jsonl`: held-out gold, KL, RM score, gold win rate,
 length, distinct-2, the last rollout's gold and KL, and the stage seconds. `--table` prints the base
 run and every trial as a Markdown table, with the best-of-n gold at each one's KL and the largest n's
-gold, both from the base run's frontier.
+gold, both from the base run's frontier (or, while the base has no eval, from the first trial that sampled
+the best-of-n answers).
 
 `--kl-breakdown` says where a finished run's KL goes: it samples the eval stage's policy answers again
 (the same prompts, settings and seeds, so the same tokens), takes log π − log π_ref per token, and prints
@@ -39,11 +40,18 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def base_frontier(base: Path) -> list[dict]:
-    path = base / "eval" / "frontier.jsonl"
-    if not path.exists():
-        sys.exit(f"{path} is missing: run the base with eval.best_of_n on (the default) first")
-    return [row for row in map(json.loads, path.read_text().splitlines()) if row["method"] == "best_of_n"]
+def base_frontier(base: Path, trials: list[str] = ()) -> list[dict]:
+    """The best-of-n rows of the base run's frontier or, while the base has no eval, of the first trial that
+    sampled them (`eval.best_of_n` among its overrides): they depend on the reference, the reward model, the
+    prompts and the seed, which every trial shares with the base."""
+    study = base.with_name(base.name + "-study")
+    for path in [base / "eval" / "frontier.jsonl", *(study / name / "eval" / "frontier.jsonl" for name in trials)]:
+        if path.exists():
+            rows = [row for row in map(json.loads, path.read_text().splitlines()) if row["method"] == "best_of_n"]
+            if len(rows) > 1:
+                return rows
+    sys.exit(f"{base / 'eval' / 'frontier.jsonl'} is missing: run the base, or a trial with "
+             "eval.best_of_n=[1,2,4,8,16], with the best-of-n frontier on")
 
 
 def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
@@ -61,7 +69,7 @@ def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
 
 def table(base: Path, rows: list[dict]) -> str:
     """The trials as a Markdown table, each read against the base run's best-of-n frontier."""
-    points = base_frontier(base)
+    points = base_frontier(base, [r["name"] for r in rows])
     largest = max(points, key=lambda p: p["n"])
     lines = [f"| trial | overrides | gold | KL | RM score | gold win rate | best-of-n gold at its KL "
              f"| best-of-{largest['n']} gold | length | distinct-2 | ppo s | eval s |",
@@ -137,7 +145,9 @@ def main() -> None:
         return
     if args.table:
         rows = [json.loads(line) for line in results.read_text().splitlines()]
-        print(table(base, [trial_row(base, "base", [])] + rows))
+        if (base / "eval" / "metrics.json").exists():
+            rows = [trial_row(base, "base", [])] + rows
+        print(table(base, rows))
         return
     if not args.name:
         p.error("a trial needs a name")

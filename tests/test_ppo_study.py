@@ -64,3 +64,31 @@ def test_kl_breakdown_resamples_the_eval_answers_and_splits_their_kl(tiny_run_di
     by_position = lines[first + 2:lines.index("", first)]
     assert by_position[0].startswith("| 1-1 |")
     assert abs(sum(float(line.split("|")[2]) for line in by_position) - 1) < 0.01  # shares of one total
+
+
+def test_without_a_base_eval_the_table_reads_the_first_trial_that_sampled_best_of_n(tmp_path):
+    base = tmp_path / "base"
+    (base / "reward").mkdir(parents=True)
+    frontier = [{"method": "best_of_n", "n": n, "kl": kl, "score": 0.0, "gold": gold}
+                for n, kl, gold in [(1, 0.0, 0.3), (4, 0.64, 0.6), (16, 1.84, 0.8)]]
+    rows = []
+    for name, kl, sampled in [("plain", 1.0, False), ("with-bon", 3.0, True)]:
+        trial = tmp_path / "base-study" / name
+        (trial / "eval").mkdir(parents=True)
+        if sampled:
+            lines = frontier + [{"method": "ppo", "step": 20, "kl": kl, "score": 1.0, "gold": 0.7}]
+            (trial / "eval" / "frontier.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        rows.append({"name": name, "overrides": [], "gold": 0.7, "ref_gold": 0.3, "kl": kl, "score": 1.0,
+                     "win_rate_gold": 0.8, "policy_length": 32.0, "distinct_2": 0.9,
+                     "seconds": {"reward": 1.0, "ppo": 2.0, "eval": 3.0}})
+    (tmp_path / "base-study" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = study(str(base), "--table")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| plain", "| with-bon"]  # no base row: no base eval
+    bon_at_1, _ = bon_gold_at_kl(frontier, 1.0)
+    assert f"| {bon_at_1:.3f} | 0.800 |" in lines[2] and "| 0.800 (beyond) | 0.800 |" in lines[3]
+
+    (tmp_path / "base-study" / "with-bon" / "eval" / "frontier.jsonl").unlink()
+    proc = study(str(base), "--table")
+    assert proc.returncode != 0 and "frontier.jsonl is missing" in proc.stderr
