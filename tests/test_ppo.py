@@ -160,6 +160,22 @@ def test_critic_mode_starts_from_the_reward_model_and_trains(upstream, tmp_path)
     assert metrics(run_dir)[0]["val/value_mean"] != 0.0
 
 
+def test_critic_warmup_trains_the_critic_alone_first(upstream, tmp_path):
+    cfg, run_dir = ppo_run(upstream, tmp_path / "run", JUDGE, "ppo.lora=true", "ppo.value_model=critic",
+                           "ppo.lora_r=4", "ppo.critic_warmup_updates=2", "ppo.num_updates=3", "ppo.save_every=1",
+                           "ppo.keep_checkpoints=3")
+    rm = load_file(str(run_dir / "reward" / "model" / "model.safetensors"))
+    for step in (1, 2, 3):
+        state = checkpoint_state(run_dir, step)
+        lora_b = [v for k, v in state.items() if k.startswith("policy.") and "lora_B" in k]
+        assert lora_b, "the adapter's B matrices are checkpointed"
+        policy_moved = any(v.abs().sum() > 0 for v in lora_b)  # B starts at 0: policy == reference
+        assert policy_moved == (step == 3), f"after update {step}"
+        assert not torch.equal(state["critic.score.weight"], rm["score.weight"])  # the critic trains throughout
+    # rollouts 1-3 are sampled before updates 1-3: the first three from the unchanged policy
+    assert [r["objective/kl"] for r in metrics(run_dir)] == [0.0, 0.0, 0.0]
+
+
 def test_lora_mode_saves_merged_policy(upstream, tmp_path):
     from transformers import AutoModelForCausalLM
 
