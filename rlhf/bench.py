@@ -3,7 +3,8 @@
     rlhf bench configs/default.yaml --updates 5
 
 Runs the real PPO stage for N updates in a scratch run directory (reusing the config's trained
-reward model when there is one, else an untrained one of the configured shape), then prints the
+reward model when there is one, else an untrained one of the configured shape; every update trains
+the policy, as after `ppo.critic_warmup_updates`), then prints the
 median seconds per update (first update excluded) by phase, generated tokens per second, peak
 memory, and how far each phase is from its limit:
 
@@ -139,7 +140,8 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     try:
         bench_cfg = replace(cfg, run=replace(cfg.run, output_dir=str(scratch)),
-                            ppo=replace(cfg.ppo, num_updates=updates, save_every=10**6, sample_every=10**6),
+                            ppo=replace(cfg.ppo, num_updates=updates, save_every=10**6, sample_every=10**6,
+                                        critic_warmup_updates=0),
                             tracking=replace(cfg.tracking, wandb="off"))
         reward_dir = scratch / "reward"
         if is_done(cfg, src, "reward"):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from rlhf import bench
 from rlhf.bench import (decode_step_bytes, format_figure, forward_flops_per_token, matmul_peak, memory_bandwidth,
                         run_bench, sampling_limit)
 from rlhf.config import load_config
@@ -51,11 +52,15 @@ def test_format_figure_keeps_small_shares_readable():
     assert format_figure("bfloat16") == "bfloat16"
 
 
-def test_bench_on_tiny_with_a_judge_reward(tmp_path, capsys):
+def test_bench_on_tiny_with_a_judge_reward(tmp_path, capsys, monkeypatch):
     cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path / 'run'}", "ppo.reward=keyword:good",
-                                            "ppo.value_model=head"])
+                                            "ppo.value_model=head", "ppo.critic_warmup_updates=2"])
     out = tmp_path / "bench.json"
+    ran = []
+    run_ppo = bench.run_ppo
+    monkeypatch.setattr(bench, "run_ppo", lambda c, *a: ran.append(c) or run_ppo(c, *a))
     result = run_bench(cfg, updates=3, json_out=str(out))
+    assert [c.ppo.critic_warmup_updates for c in ran] == [0]  # every timed update trains the policy
     assert result["updates_timed"] == 2  # the first update is excluded
     for key in ("seconds_per_update", "seconds_generate", "seconds_train", "generated_tokens_per_second",
                 "peak_rss_gib", "train_share_of_peak", "matmul_peak_gflops", "dtype_matmul_peak_gflops",
