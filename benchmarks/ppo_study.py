@@ -1,6 +1,7 @@
 """Rerun PPO and eval on a finished run's preference data and reward model, with overrides, and tabulate.
 
     python benchmarks/ppo_study.py runs/default kl0.15 ppo.kl_coef=0.15
+    python benchmarks/ppo_study.py runs/default seed1 ppo.seed=1     # PPO's random stream alone
     python benchmarks/ppo_study.py runs/default --table
     python benchmarks/ppo_study.py runs/default --kl-breakdown
 

@@ -167,6 +167,10 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
+    seed: int | None = None
+    """Seed of this stage (prompt order, sampling, initial weights of new layers); `run.seed` when unset.
+    Vary it alone to see how far PPO's result moves with its random stream, on the same pairs and reward
+    model (the stages before are not rerun) and the same eval samples."""
     num_updates: int = 40
     """PPO iterations: each collects one rollout batch and optimises on it."""
     batch_size: int = 32
@@ -475,7 +479,7 @@ def ppo_sizes(ppo: PPOConfig, num_processes: int = 1) -> PPOSizes:
 # A field set to None (optional values) is not checked. tests/test_config.py checks that every numeric
 # field of the schema is listed here.
 RANGES = {
-    "run.seed": ">= 0", "run.threads": ">= 0",
+    "run.seed": ">= 0", "run.threads": ">= 0", "ppo.seed": ">= 0",
     "data.max_prompt_tokens": "> 0", "data.max_train_prompts": ">= 0",
     "prefs.num_prompts": "> 0", "prefs.responses_per_prompt": ">= 2", "prefs.max_new_tokens": "> 0",
     "prefs.temperature": "> 0", "prefs.batch_size": "> 0", "prefs.min_gold_gap": ">= 0",

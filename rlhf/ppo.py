@@ -61,7 +61,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     fingerprint = stage_identity(cfg, run_dir, "ppo")
     start = resume(out, fingerprint, accelerator, trained, optimizer, scheduler, kl_ctl, pc.num_updates)
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
-    schedule = PromptSchedule(len(enc.prompts), pc.batch_size, cfg.run.seed)
+    schedule = PromptSchedule(len(enc.prompts), pc.batch_size, ppo_seed(cfg))
 
     for update in tqdm(range(start, pc.num_updates), desc="PPO", initial=start, total=pc.num_updates,
                        disable=not accelerator.is_main_process):
@@ -102,6 +102,11 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
 # the stage's setup
 
 
+def ppo_seed(cfg: PipelineConfig) -> int:
+    """The PPO stage's seed: `ppo.seed`, or `run.seed` when unset."""
+    return cfg.run.seed if cfg.ppo.seed is None else cfg.ppo.seed
+
+
 def start_processes(cfg: PipelineConfig, stage: str):
     """(Accelerator, dtype) of this process, seeded: the device the config asks for, bf16 autocast where
     `model.dtype` resolves to bf16, each process its own random stream (seed + process index). The main
@@ -111,7 +116,7 @@ def start_processes(cfg: PipelineConfig, stage: str):
     dtype = default_dtype(cfg.model.dtype, device)
     accelerator = start_accelerator(device == "cpu", gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
                                     mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
-    set_seed(cfg.run.seed + accelerator.process_index)
+    set_seed(ppo_seed(cfg) + accelerator.process_index)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     if accelerator.is_main_process:

@@ -138,3 +138,24 @@ def test_sigkill_of_a_changed_config_leaves_the_finished_run_intact(finished, tm
     assert tree_digest(run_dir / "ppo" / "checkpoints") == protected["ppo/checkpoints"]
     assert (run_dir / "config.yaml").read_bytes() == protected["config.yaml"]
     assert read_marker(run_dir, "ppo")["inputs"]["ppo.kl_coef"] == cfg_for(run_dir).ppo.kl_coef
+
+
+def test_ppo_seed_reruns_ppo_alone_on_the_same_pairs_reward_model_and_eval_samples(finished, tmp_path):
+    """`ppo.seed` varies PPO's random stream alone: the pairs and the reward model are not redone, the
+    reference's eval answers stay the same, the policy's change; `ppo.seed` equal to `run.seed` is the run
+    without it, to the last digit."""
+    run_dir = copy_of(finished, tmp_path / "run")
+    ids = {stage: read_marker(run_dir, stage)["id"] for stage in ("prefs", "reward")}
+    kl = [r["objective/kl"] for r in read_jsonl(finished / "ppo" / "metrics.jsonl")]
+    gens = read_jsonl(finished / "eval" / "generations.jsonl")
+
+    run_pipeline(cfg_for(run_dir, "ppo.seed=1"))
+    assert {stage: read_marker(run_dir, stage)["id"] for stage in ids} == ids
+    seeded = read_jsonl(run_dir / "eval" / "generations.jsonl")
+    assert [r["objective/kl"] for r in read_jsonl(run_dir / "ppo" / "metrics.jsonl")] != kl
+    assert [r["ref_response"] for r in seeded] == [r["ref_response"] for r in gens]
+    assert [r["policy_response"] for r in seeded] != [r["policy_response"] for r in gens]
+
+    run_pipeline(cfg_for(run_dir, "ppo.seed=0"))
+    assert [r["objective/kl"] for r in read_jsonl(run_dir / "ppo" / "metrics.jsonl")] == kl
+    assert read_jsonl(run_dir / "eval" / "generations.jsonl") == gens
