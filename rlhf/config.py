@@ -202,6 +202,10 @@ class PPOConfig:
     """β of the per-token KL penalty (initial value when adaptive)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """KL estimator in the reward: k1 = log p - log p_ref, k3 = (r - 1) - log r."""
+    kl_loss_coef: float = 0.0
+    """Weight of the exact per-token KL(π ‖ π_ref), summed over the vocabulary at each response position and
+    averaged over tokens, in the policy loss, on top of the KL penalty in the reward (0: off). It holds every
+    token's probability near the reference's, not only the sampled ones'."""
     adaptive_kl: bool = False
     """Adapt β towards `target_kl` (Ziegler et al. 2019)."""
     target_kl: float = 6.0
@@ -493,7 +497,7 @@ RANGES = {
     "ppo.warmup_steps": ">= 0", "ppo.max_grad_norm": "> 0", "ppo.max_new_tokens": "> 0", "ppo.min_new_tokens": ">= 0",
     "ppo.temperature": "> 0", "ppo.missing_eos_penalty": ">= 0", "ppo.kl_coef": ">= 0", "ppo.target_kl": "> 0",
     "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.cliprange": "(0, 1)",
-    "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.score_clip": "> 0", "ppo.critic_warmup_updates": ">= 0",
+    "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.kl_loss_coef": ">= 0", "ppo.score_clip": "> 0", "ppo.critic_warmup_updates": ">= 0",
     "ppo.lora_r": "> 0", "ppo.lora_alpha": "> 0", "ppo.save_every": "> 0", "ppo.keep_checkpoints": "> 0",
     "ppo.sample_every": "> 0",
     "eval.num_prompts": ">= 0", "eval.max_new_tokens": "> 0", "eval.temperature": "> 0", "eval.batch_size": "> 0",

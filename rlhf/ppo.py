@@ -155,7 +155,8 @@ def rollout_settings(pc: PPOConfig, sizes: PPOSizes, stop_ids: list[int]) -> dic
     """The keyword arguments of `collect_rollout` that the config fixes for the whole run."""
     return dict(max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, stop_ids=stop_ids,
                 micro_batch_size=sizes.micro_batch_size, missing_eos_penalty=pc.missing_eos_penalty,
-                score_clip=pc.score_clip, min_new_tokens=pc.min_new_tokens, keep_forward=sizes.keeps_rollout_forward)
+                score_clip=pc.score_clip, min_new_tokens=pc.min_new_tokens, keep_forward=sizes.keeps_rollout_forward,
+                keep_ref_distribution=pc.kl_loss_coef > 0)
 
 
 class PromptSchedule:
@@ -258,7 +259,14 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                                                              rollout.advantages[idx], mask, cfg.cliprange)
                     vf_loss, vf_stats = ppo_core.value_loss(values, rollout.values[idx], rollout.returns[idx],
                                                             mask, cfg.cliprange_value)
-                    loss = (pg_loss if train_policy else 0.0) + cfg.vf_coef * vf_loss
+                    if cfg.kl_loss_coef > 0:  # exact KL at every response position, all tokens of the vocabulary
+                        exact_kl = ppo_core.masked_mean(ppo_core.exact_kl_from_logits(
+                            logits, rollout.ref_distribution[idx], cfg.temperature), mask)
+                        policy_term = pg_loss + cfg.kl_loss_coef * exact_kl
+                        stats.setdefault("policy/exact_kl", []).append(exact_kl.item())
+                    else:
+                        policy_term = pg_loss
+                    loss = (policy_term if train_policy else 0.0) + cfg.vf_coef * vf_loss
                     if not torch.isfinite(loss):
                         raise TrainingFault(f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}) "
                                             f"at {where}: {diverged_hint(cfg)}")

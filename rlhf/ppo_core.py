@@ -87,7 +87,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 
 def _map_token_chunks(fn, logits: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """Apply fn to (b, t, V) views of logits (B, T, V) and matching (b, t) views of others, concatenating to (B, T)."""
+    """Apply fn to (b, t, V) views of logits (B, T, V) and matching (b, t, ...) views of others, concatenating to (B, T)."""
     B, T = logits.shape[:2]
     if B == 0 or T == 0:
         return logits.new_zeros(B, T, dtype=torch.promote_types(logits.dtype, torch.float32))
@@ -120,6 +120,17 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
         return picked - torch.logsumexp(logits_chunk, dim=-1)  # (b, t)
 
     return _map_token_chunks(chunk_logprobs, logits, labels)
+
+
+def exact_kl_from_logits(logits: torch.Tensor, ref_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(π(·|s) ‖ π_ref(·|s)) (B, T) at each position, summed over the whole vocabulary: π = softmax(logits
+    (B, T, V) / temperature), π_ref given as log-probabilities (B, T, V). Differentiable in the logits."""
+
+    def chunk_kl(logits_chunk, ref_chunk):
+        logp = torch.log_softmax(_scaled_chunk(logits_chunk, temperature), dim=-1)  # (b, t, V)
+        return (logp.exp() * (logp - ref_chunk.to(logp.dtype))).sum(dim=-1)  # (b, t)
+
+    return _map_token_chunks(chunk_kl, logits, ref_logprobs)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

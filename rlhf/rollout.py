@@ -32,6 +32,7 @@ class Rollout:
     scores: torch.Tensor  # (B,) reward of the whole response (RM / judge, after penalties)
     response_texts: list[str]  # B decoded responses
     gold: torch.Tensor | None = None  # (B,) gold-judge score, for monitoring only
+    ref_distribution: torch.Tensor | None = None  # (B, R, V) log π_ref over the vocabulary (ppo.kl_loss_coef)
     rewards: torch.Tensor | None = None  # (B, R) per-token rewards: -β·KL, plus the score at the last token
     kl: torch.Tensor | None = None  # (B, R) per-token KL estimate
     advantages: torch.Tensor | None = None  # (B, R) whitened GAE advantages
@@ -80,16 +81,32 @@ def forward_tokens(model: PolicyAndValue | None, seqs: Sequences, responses: tor
             torch.cat(all_values) if all_values else None, None)
 
 
+def reference_distribution(model: PolicyAndValue, ref_policy, seqs: Sequences, responses: torch.Tensor,
+                           temperature: float, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π_ref of `responses` (B, R), log π_ref over the vocabulary (B, R, V) in float32), without gradients."""
+    picked, full = [], []
+    with torch.no_grad():
+        for i in range(0, responses.shape[0], micro_batch_size):
+            part = seqs.rows(slice(i, i + micro_batch_size))
+            logits = response_forward(ref_policy, part)[0] if ref_policy is not None else model(*part, what="reference")[0]
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (b, R, V)
+            picked.append(torch.gather(logp, -1, responses[i:i + micro_batch_size].unsqueeze(-1)).squeeze(-1))
+            full.append(logp)
+            del logits
+    return torch.cat(picked), torch.cat(full)
+
+
 def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], prompt_ids: list[list[int]],
                     tokenizer, score_fn: Callable[[list[Any], list[str]], torch.Tensor],
                     gold_fn: Callable[[list[str]], list[float]] | None, *, max_new_tokens: int, temperature: float,
                     stop_ids: list[int], micro_batch_size: int, missing_eos_penalty: float | None = None,
                     score_clip: float | None = None, sampler=None, min_new_tokens: int = 0,
-                    keep_forward: bool = False) -> tuple[Rollout, KeptForward | None]:
+                    keep_forward: bool = False, keep_ref_distribution: bool = False) -> tuple[Rollout, KeptForward | None]:
     """Sample one batch and compute logprobs, reference logprobs, values and scores (DESIGN details 1-4).
 
     `sampler` is the model that generates (default: the policy), e.g. a bf16 copy of fp32 weights.
-    `keep_forward`: also return the policy-and-value forward with its graph (see `KeptForward`)."""
+    `keep_forward`: also return the policy-and-value forward with its graph (see `KeptForward`).
+    `keep_ref_distribution`: also keep the reference's log-probabilities over the whole vocabulary."""
     net = unwrap(model)  # its parts are read here; its forwards go through `model`, the engine's wrapper
     timings = {}
     device = next(net.parameters()).device
@@ -114,7 +131,11 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     logprobs, values, kept = forward_tokens(model, *args, what="values" if reuse else "both", keep_graph=keep_forward)
     if reuse:  # the policy's logprobs come from generation: only the critic's forward was due
         logprobs = responses.logprobs
-    ref_logprobs, _, _ = forward_tokens(model, *args, what="reference", lm=ref_policy)
+    if keep_ref_distribution:
+        ref_logprobs, ref_distribution = reference_distribution(model, ref_policy, *args)
+    else:
+        ref_logprobs, _, _ = forward_tokens(model, *args, what="reference", lm=ref_policy)
+        ref_distribution = None
     timings["forward"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # 3. score the decoded text (the RM may use another tokenizer), penalise missing stop tokens
@@ -132,5 +153,5 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
                             f"{scores[bad[0]].item()} for {texts[bad[0]][:60]!r}): a reward model trained to NaN, "
                             f"or a reward function (ppo.reward) that returns NaN or inf?")
     rollout = Rollout(prompts, queries, responses, seqs, logprobs, ref_logprobs, values, scores, texts, gold=gold,
-                      timings=timings)
+                      ref_distribution=ref_distribution, timings=timings)
     return rollout, kept

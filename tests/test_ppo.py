@@ -176,6 +176,21 @@ def test_critic_warmup_trains_the_critic_alone_first(upstream, tmp_path):
     assert [r["objective/kl"] for r in metrics(run_dir)] == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_exact_kl_loss_holds_the_policy_near_the_reference(upstream, tmp_path, lora):
+    """`ppo.kl_loss_coef` adds KL(π ‖ π_ref) over the whole vocabulary to the loss: the same run drifts less
+    from the reference (a separate frozen copy, or the LoRA base with its adapter disabled)."""
+    settings = [JUDGE, "ppo.num_updates=6", "ppo.save_every=6", f"ppo.lora={str(lora).lower()}", "ppo.lora_r=4"]
+    _, free = ppo_run(upstream, tmp_path / "free", *settings)
+    _, held = ppo_run(upstream, tmp_path / "held", *settings, "ppo.kl_loss_coef=20")
+    free_rows, held_rows = metrics(free), metrics(held)
+    assert "policy/exact_kl_avg" not in free_rows[0]
+    exact = [r["policy/exact_kl_avg"] for r in held_rows]
+    assert all(math.isfinite(v) and v >= 0 for v in exact), exact
+    kl = lambda rows: sum(r["objective/kl"] for r in rows[2:]) / len(rows[2:])  # noqa: E731
+    assert kl(held_rows) < 0.5 * kl(free_rows), (kl(held_rows), kl(free_rows))
+
+
 def test_lora_mode_saves_merged_policy(upstream, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,7 @@ from rlhf.ppo_core import (
     FixedKLController,
     compute_gae,
     entropy_from_logits,
+    exact_kl_from_logits,
     first_true_indices,
     kl_penalty,
     logprobs_from_logits,
@@ -186,6 +187,32 @@ def test_entropy_matches_minus_sum_p_log_p(monkeypatch, chunk_tokens):
     got16 = entropy_from_logits(logits.bfloat16())
     assert got16.dtype == torch.float32
     torch.testing.assert_close(got16, entropy_from_logits(logits.bfloat16().float()))
+
+
+def test_exact_kl_hand_values_and_gradient():
+    # π = [1/4, 3/4], π_ref uniform over 2: KL = 1/4 ln(1/2) + 3/4 ln(3/2); zero where π = π_ref
+    logits = t([[[0.0, math.log(3.0)], [0.0, 0.0]]])
+    ref = torch.log(t([[[0.5, 0.5], [0.5, 0.5]]]))
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    torch.testing.assert_close(exact_kl_from_logits(logits, ref), t([[expected, 0.0]]))
+    torch.testing.assert_close(exact_kl_from_logits(2 * logits, ref, temperature=2.0), t([[expected, 0.0]]))
+    # d KL / d z_1 for π = softmax(z) against a uniform reference: π_1 (log π_1 - log π_ref_1 - KL)
+    z = t([[[0.0, math.log(3.0)]]]).requires_grad_()
+    exact_kl_from_logits(z, ref[:, :1]).sum().backward()
+    torch.testing.assert_close(z.grad[0, 0, 1], t(0.75 * (math.log(1.5) - expected)))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1024])
+def test_exact_kl_matches_sum_p_log_ratio(monkeypatch, chunk_tokens):
+    monkeypatch.setattr(ppo_core, "_CHUNK_TOKENS", chunk_tokens)
+    g = torch.Generator().manual_seed(5)
+    logits, ref_logits = 3 * torch.randn(3, 5, 13, generator=g), 3 * torch.randn(3, 5, 13, generator=g)
+    for temperature in (1.0, 0.7):
+        logp, ref = torch.log_softmax(logits / temperature, -1), torch.log_softmax(ref_logits / temperature, -1)
+        expected = (logp.exp() * (logp - ref)).sum(-1)
+        got = exact_kl_from_logits(logits, ref, temperature)
+        torch.testing.assert_close(got, expected)
+        assert (got >= 0).all()
 
 
 def test_empty_logits_give_empty_outputs():
