@@ -20,7 +20,8 @@ the best-of-n answers).
 
 `--kl-breakdown` says where a finished run's KL goes: it samples the eval stage's policy answers again
 (the same prompts, settings and seeds, so the same tokens), takes log π − log π_ref per token, and prints
-the KL by response position and the tokens that carry the most of it.
+the KL by response position and the tokens that carry the most of it. It also reads the exact KL over the
+vocabulary at each position and the part of it that the policy's loss of entropy alone costs (sharpening).
 """
 
 from __future__ import annotations
@@ -84,6 +85,35 @@ def table(base: Path, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def entropy_split(policy, reference, seqs, mask, temperature: float):
+    """Sums over the response tokens of (exact KL(π ‖ π_ref) over the vocabulary, its sharpening part, H(π),
+    H(π_ref)) at each position. The sharpening part is KL(π_ref^(1/t) ‖ π_ref) with t such that the tempered
+    reference has the policy's entropy: of all distributions with that entropy it is the one closest to the
+    reference, so it is the KL that the policy's loss of entropy alone costs."""
+    import torch
+
+    from rlhf.ppo_models import response_forward
+
+    out = torch.zeros(4, dtype=torch.float64)
+    mask = mask.bool()
+    with torch.no_grad():
+        for i in range(0, mask.shape[0], 8):
+            part, m = seqs.rows(slice(i, i + 8)), mask[i:i + 8]
+            logp = torch.log_softmax(response_forward(policy, part)[0].float() / temperature, -1)[m]  # (n, V)
+            ref = torch.log_softmax(response_forward(reference, part)[0].float() / temperature, -1)[m]
+            entropy = -(logp.exp() * logp).sum(-1)
+            lo, hi = torch.full_like(entropy, -4.0), torch.full_like(entropy, 4.0)  # log t, bisected
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                tempered = torch.log_softmax(ref / mid.exp()[:, None], -1)
+                too_flat = -(tempered.exp() * tempered).sum(-1) > entropy
+                hi, lo = torch.where(too_flat, mid, hi), torch.where(too_flat, lo, mid)
+            tempered = torch.log_softmax(ref / ((lo + hi) / 2).exp()[:, None], -1)
+            out += torch.stack([(logp.exp() * (logp - ref)).sum(), (tempered.exp() * (tempered - ref)).sum(),
+                                entropy.sum(), -(ref.exp() * ref).sum()]).double().cpu()
+    return out
+
+
 def kl_breakdown(run: Path, top: int = 15) -> None:
     """Per-token KL of a run's final policy on its eval prompts: by position, and the tokens carrying most."""
     from collections import defaultdict
@@ -92,7 +122,9 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
 
     from rlhf.config import load_config
     from rlhf.evaluate import eval_prompts, policy_answers
+    from rlhf.generation import left_pad
     from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
+    from rlhf.ppo_models import Sequences
     from rlhf.prompts import encode_config_prompts
 
     cfg = load_config(run / "config.yaml", [])
@@ -102,11 +134,15 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
     enc = encode_config_prompts(cfg, eval_prompts(cfg), tokenizer)
     policy = load_causal_lm(str(run / "ppo" / "policy"), dtype, cfg.model.trust_remote_code).to(device).eval()
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
-    kls, masks, tokens = [], [], []
-    for responses, lp, ref_lp in policy_answers(policy, reference, tokenizer, enc.input_ids, cfg, device, "policy"):
+    kls, masks, tokens, split = [], [], [], torch.zeros(4, dtype=torch.float64)
+    answers = policy_answers(policy, reference, tokenizer, enc.input_ids, cfg, device, "policy")
+    for start, (responses, lp, ref_lp) in zip(range(0, len(enc.input_ids), cfg.eval.batch_size), answers):
         kls.append(lp - ref_lp)
         masks.append(responses.mask)
         tokens.append(responses.ids)
+        ids, mask = left_pad(enc.input_ids[start:start + cfg.eval.batch_size], tokenizer.pad_token_id, device)
+        split += entropy_split(policy, reference, Sequences.join(ids, mask, responses.ids, responses.mask),
+                               responses.mask, 1.0 if cfg.eval.greedy else cfg.eval.temperature)
     width = max(k.shape[1] for k in kls)
     pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
     kl, mask, ids = (torch.cat([pad(t, 0) for t in group]) for group in (kls, masks, tokens))
@@ -115,6 +151,10 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
     rows = kl.shape[0]
     print(f"{run}: sequence KL {total / rows:.2f} nats over {rows} answers, "
           f"{mask.sum().item() / rows:.1f} tokens each")
+    exact, sharpening, entropy, ref_entropy = (split / mask.sum().item()).tolist()
+    print(f"Exact KL over the vocabulary at each position: {exact * mask.sum().item() / rows:.2f} nats per answer; "
+          f"sharpening {sharpening / exact:.0%} of it (the least KL of a distribution with the policy's entropy, "
+          f"{entropy:.2f} nats per token against the reference's {ref_entropy:.2f}, on the policy's prefixes)")
     print("| response tokens | share of the KL | KL per token |\n|---|---|---|")
     edges = [0, 1, 2, 4, 8, 16, 24, width]
     for a, b in zip(edges, edges[1:]):

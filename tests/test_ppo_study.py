@@ -60,6 +60,9 @@ def test_kl_breakdown_resamples_the_eval_answers_and_splits_their_kl(tiny_run_di
     lines = proc.stdout.splitlines()
     assert f"sequence KL {metrics['kl']:.2f} nats over {metrics['num_prompts']} answers, " \
            f"{metrics['policy_length']:.1f} tokens each" in lines[0]
+    exact = next(line for line in lines if line.startswith("Exact KL over the vocabulary"))
+    nats, share = float(exact.split(": ")[1].split(" nats")[0]), float(exact.split("sharpening ")[1].split("%")[0])
+    assert nats >= 0 and 0 <= share <= 100, exact  # sharpening: at most the KL it is part of
     first = lines.index("| response tokens | share of the KL | KL per token |")
     by_position = lines[first + 2:lines.index("", first)]
     assert by_position[0].startswith("| 1-1 |")
