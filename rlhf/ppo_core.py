@@ -87,7 +87,8 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 
 def _map_token_chunks(fn, logits: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """Apply fn to (b, t, V) views of logits (B, T, V) and matching (b, t, ...) views of others, concatenating to (B, T)."""
+    """Apply fn to (b, t, V) views of logits (B, T, V) and matching (b, t, ...) views of others, concatenating to
+    (B, T)."""
     B, T = logits.shape[:2]
     if B == 0 or T == 0:
         return logits.new_zeros(B, T, dtype=torch.promote_types(logits.dtype, torch.float32))

@@ -88,7 +88,10 @@ def reference_distribution(model: PolicyAndValue, ref_policy, seqs: Sequences, r
     with torch.no_grad():
         for i in range(0, responses.shape[0], micro_batch_size):
             part = seqs.rows(slice(i, i + micro_batch_size))
-            logits = response_forward(ref_policy, part)[0] if ref_policy is not None else model(*part, what="reference")[0]
+            if ref_policy is not None:  # a frozen copy; else the trained policy with its LoRA adapter disabled
+                logits = response_forward(ref_policy, part)[0]
+            else:
+                logits = model(*part, what="reference")[0]
             logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (b, R, V)
             picked.append(torch.gather(logp, -1, responses[i:i + micro_batch_size].unsqueeze(-1)).squeeze(-1))
             full.append(logp)
@@ -101,7 +104,8 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
                     gold_fn: Callable[[list[str]], list[float]] | None, *, max_new_tokens: int, temperature: float,
                     stop_ids: list[int], micro_batch_size: int, missing_eos_penalty: float | None = None,
                     score_clip: float | None = None, sampler=None, min_new_tokens: int = 0,
-                    keep_forward: bool = False, keep_ref_distribution: bool = False) -> tuple[Rollout, KeptForward | None]:
+                    keep_forward: bool = False,
+                    keep_ref_distribution: bool = False) -> tuple[Rollout, KeptForward | None]:
     """Sample one batch and compute logprobs, reference logprobs, values and scores (DESIGN details 1-4).
 
     `sampler` is the model that generates (default: the policy), e.g. a bf16 copy of fp32 weights.
