@@ -85,11 +85,27 @@ def table(base: Path, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sharpening_split(logp, ref):
+    """Per position (n,) of log-probabilities logp and ref (n, V) of the policy and the reference: (exact
+    KL(π ‖ π_ref), its sharpening part, H(π), H(π_ref)). The sharpening part is KL(π_ref^(1/t) ‖ π_ref) with t
+    such that the tempered reference has the policy's entropy: of all distributions with that entropy it is the
+    one closest to the reference, so it is the KL that the policy's loss of entropy alone costs."""
+    import torch
+
+    entropy = -(logp.exp() * logp).sum(-1)
+    lo, hi = torch.full_like(entropy, -4.0), torch.full_like(entropy, 4.0)  # log t, bisected
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        tempered = torch.log_softmax(ref / mid.exp()[:, None], -1)
+        too_flat = -(tempered.exp() * tempered).sum(-1) > entropy
+        hi, lo = torch.where(too_flat, mid, hi), torch.where(too_flat, lo, mid)
+    tempered = torch.log_softmax(ref / ((lo + hi) / 2).exp()[:, None], -1)
+    return ((logp.exp() * (logp - ref)).sum(-1), (tempered.exp() * (tempered - ref)).sum(-1), entropy,
+            -(ref.exp() * ref).sum(-1))
+
+
 def entropy_split(policy, reference, seqs, mask, temperature: float):
-    """Sums over the response tokens of (exact KL(π ‖ π_ref) over the vocabulary, its sharpening part, H(π),
-    H(π_ref)) at each position. The sharpening part is KL(π_ref^(1/t) ‖ π_ref) with t such that the tempered
-    reference has the policy's entropy: of all distributions with that entropy it is the one closest to the
-    reference, so it is the KL that the policy's loss of entropy alone costs."""
+    """`sharpening_split` summed over the response tokens of a batch (`seqs`, with `mask` over the responses)."""
     import torch
 
     from rlhf.ppo_models import response_forward
@@ -101,16 +117,7 @@ def entropy_split(policy, reference, seqs, mask, temperature: float):
             part, m = seqs.rows(slice(i, i + 8)), mask[i:i + 8]
             logp = torch.log_softmax(response_forward(policy, part)[0].float() / temperature, -1)[m]  # (n, V)
             ref = torch.log_softmax(response_forward(reference, part)[0].float() / temperature, -1)[m]
-            entropy = -(logp.exp() * logp).sum(-1)
-            lo, hi = torch.full_like(entropy, -4.0), torch.full_like(entropy, 4.0)  # log t, bisected
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                tempered = torch.log_softmax(ref / mid.exp()[:, None], -1)
-                too_flat = -(tempered.exp() * tempered).sum(-1) > entropy
-                hi, lo = torch.where(too_flat, mid, hi), torch.where(too_flat, lo, mid)
-            tempered = torch.log_softmax(ref / ((lo + hi) / 2).exp()[:, None], -1)
-            out += torch.stack([(logp.exp() * (logp - ref)).sum(), (tempered.exp() * (tempered - ref)).sum(),
-                                entropy.sum(), -(ref.exp() * ref).sum()]).double().cpu()
+            out += torch.stack([part.sum() for part in sharpening_split(logp, ref)]).double().cpu()
     return out
 
 
@@ -153,8 +160,9 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
           f"{mask.sum().item() / rows:.1f} tokens each")
     exact, sharpening, entropy, ref_entropy = (split / mask.sum().item()).tolist()
     print(f"Exact KL over the vocabulary at each position: {exact * mask.sum().item() / rows:.2f} nats per answer; "
-          f"sharpening {sharpening / exact:.0%} of it (the least KL of a distribution with the policy's entropy, "
-          f"{entropy:.2f} nats per token against the reference's {ref_entropy:.2f}, on the policy's prefixes)")
+          f"sharpening {sharpening / exact if exact > 0 else 0.0:.0%} of it (the least KL of a distribution with the "
+          f"policy's entropy, {entropy:.2f} nats per token against the reference's {ref_entropy:.2f}, on the "
+          f"policy's prefixes)")
     print("| response tokens | share of the KL | KL per token |\n|---|---|---|")
     edges = [0, 1, 2, 4, 8, 16, 24, width]
     for a, b in zip(edges, edges[1:]):

@@ -1,15 +1,21 @@
 """benchmarks/ppo_study.py: PPO and eval rerun on a finished run's preference data and reward model."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from rlhf.eval_math import bon_gold_at_kl
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = PROJECT_ROOT / "benchmarks" / "ppo_study.py"
+spec = importlib.util.spec_from_file_location("ppo_study", SCRIPT)
+ppo_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ppo_study)
 
 
 def study(*args: str) -> subprocess.CompletedProcess:
@@ -67,6 +73,21 @@ def test_kl_breakdown_resamples_the_eval_answers_and_splits_their_kl(tiny_run_di
     by_position = lines[first + 2:lines.index("", first)]
     assert by_position[0].startswith("| 1-1 |")
     assert abs(sum(float(line.split("|")[2]) for line in by_position) - 1) < 0.01  # shares of one total
+
+
+def test_sharpening_is_all_of_a_tempered_reference_and_none_of_a_permuted_one():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(2 * torch.randn(5, 11, generator=g, dtype=torch.float64), -1)
+    # the policy is the reference at temperature 0.6: a pure sharpening, every nat of its KL
+    tempered = torch.log_softmax(ref / 0.6, -1)
+    exact, sharpening, entropy, ref_entropy = ppo_study.sharpening_split(tempered, ref)
+    assert (exact > 0).all() and (entropy < ref_entropy).all()
+    torch.testing.assert_close(sharpening, exact, rtol=1e-6, atol=1e-9)
+    # the same probabilities on other tokens: the same entropy, a large KL, no sharpening
+    permuted = ref[:, torch.randperm(11, generator=g)]
+    exact, sharpening, entropy, ref_entropy = ppo_study.sharpening_split(permuted, ref)
+    torch.testing.assert_close(entropy, ref_entropy)
+    assert (exact > 0.1).all() and (sharpening.abs() < 1e-6).all(), (exact, sharpening)
 
 
 def test_without_a_base_eval_the_table_reads_the_first_trial_that_sampled_best_of_n(tmp_path):
