@@ -54,14 +54,16 @@ class KeptForward:
 
 
 def forward_tokens(model: PolicyAndValue | None, seqs: Sequences, responses: torch.Tensor, temperature: float,
-                   micro_batch_size: int, *, what: str = "both", lm=None,
-                   keep_graph: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, KeptForward | None]:
+                   micro_batch_size: int, *, what: str = "both", lm=None, keep_graph: bool = False,
+                   full: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, KeptForward | None]:
     """(logprobs (B, R) of `responses`, values (B, R), kept forward): the one place models read a rollout.
 
     `what` is the forward of the trained `model` (`PolicyAndValue.forward`: "both", "logits", "values",
     "reference"); with `lm`, the logprobs of that plain causal LM instead (a frozen reference, a policy under
     evaluation). Micro-batches of `micro_batch_size` rows, without gradients; `keep_graph` instead runs `model`
-    over the whole batch with autograd on and returns that forward too (`KeptForward`)."""
+    over the whole batch with autograd on and returns that forward too (`KeptForward`). `full`: float32
+    log-probabilities over the whole vocabulary (B, R, V) in place of the responses' logprobs (not with
+    `keep_graph`)."""
     if keep_graph:
         with torch.enable_grad():
             logits, values = model(*seqs, what=what)
@@ -73,30 +75,13 @@ def forward_tokens(model: PolicyAndValue | None, seqs: Sequences, responses: tor
             part, rows = seqs.rows(slice(i, i + micro_batch_size)), responses[i:i + micro_batch_size]
             logits, values = (response_forward(lm, part)[0], None) if lm is not None else model(*part, what=what)
             if logits is not None:
-                all_logprobs.append(logprobs_from_logits(logits, rows, temperature))
+                all_logprobs.append(torch.log_softmax(logits.float() / temperature, dim=-1) if full
+                                    else logprobs_from_logits(logits, rows, temperature))
             if values is not None:
                 all_values.append(values)
             del logits
     return (torch.cat(all_logprobs) if all_logprobs else None,
             torch.cat(all_values) if all_values else None, None)
-
-
-def reference_distribution(model: PolicyAndValue, ref_policy, seqs: Sequences, responses: torch.Tensor,
-                           temperature: float, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π_ref of `responses` (B, R), log π_ref over the vocabulary (B, R, V) in float32), without gradients."""
-    picked, full = [], []
-    with torch.no_grad():
-        for i in range(0, responses.shape[0], micro_batch_size):
-            part = seqs.rows(slice(i, i + micro_batch_size))
-            if ref_policy is not None:  # a frozen copy; else the trained policy with its LoRA adapter disabled
-                logits = response_forward(ref_policy, part)[0]
-            else:
-                logits = model(*part, what="reference")[0]
-            logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (b, R, V)
-            picked.append(torch.gather(logp, -1, responses[i:i + micro_batch_size].unsqueeze(-1)).squeeze(-1))
-            full.append(logp)
-            del logits
-    return torch.cat(picked), torch.cat(full)
 
 
 def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], prompt_ids: list[list[int]],
@@ -135,11 +120,11 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     logprobs, values, kept = forward_tokens(model, *args, what="values" if reuse else "both", keep_graph=keep_forward)
     if reuse:  # the policy's logprobs come from generation: only the critic's forward was due
         logprobs = responses.logprobs
-    if keep_ref_distribution:
-        ref_logprobs, ref_distribution = reference_distribution(model, ref_policy, *args)
-    else:
-        ref_logprobs, _, _ = forward_tokens(model, *args, what="reference", lm=ref_policy)
-        ref_distribution = None
+    ref_logprobs, _, _ = forward_tokens(model, *args, what="reference", lm=ref_policy, full=keep_ref_distribution)
+    ref_distribution = None
+    if keep_ref_distribution:  # the vocabulary's log-probabilities, and the sampled tokens' among them
+        ref_distribution = ref_logprobs
+        ref_logprobs = torch.gather(ref_distribution, -1, responses.ids.unsqueeze(-1)).squeeze(-1)
     timings["forward"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # 3. score the decoded text (the RM may use another tokenizer), penalise missing stop tokens
