@@ -264,6 +264,8 @@ def why_not_done(cfg: PipelineConfig, run_dir: Path, stage: str, records: dict |
         old_inputs, old_sources = marker.get("inputs", {}), marker.get("sources", {})
         changed = [f"{k}: {old_inputs.get(k)!r} -> {v!r}" for k, v in record["inputs"].items()
                    if k in old_inputs and old_inputs[k] != v]
+        changed += [f"{k}: a setting the earlier run did not have, now {v!r}" for k, v in record["inputs"].items()
+                    if old_inputs and k not in old_inputs]
         changed += [f"contents of {k} ({record['inputs'][k]})" for k, v in record["sources"].items()
                     if old_sources.get(k) != v and k in old_sources]
         return ("was run with other settings" + (f" ({'; '.join(changed[:3])})" if changed else

@@ -118,3 +118,13 @@ def test_file_hashes_reuse_size_and_mtime(tmp_path):
     assert hashes.folder(folder) == h1
     (folder / "y").write_text("2")
     assert hashes.folder(folder) != h1
+
+
+def test_a_setting_added_since_a_finished_run_is_named_as_the_reason_it_reruns(tmp_path):
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}"])
+    inputs = stages.stage_records(cfg, tmp_path)["ppo"]["inputs"]
+    assert "ppo.kl_loss_coef" in inputs
+    earlier = {k: v for k, v in inputs.items() if k != "ppo.kl_loss_coef"}  # a run from before the field existed
+    stages.write_marker(tmp_path / "ppo", {"fingerprint": "an earlier version's", "inputs": earlier})
+    reason = stages.why_not_done(cfg, tmp_path, "ppo")
+    assert reason == "was run with other settings (ppo.kl_loss_coef: a setting the earlier run did not have, now 0.0)"
