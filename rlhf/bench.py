@@ -174,8 +174,8 @@ def run_bench(cfg: PipelineConfig, updates: int = 4, json_out: str | None = None
     critic_layers = cfg.reward.num_layers or text_cfg.num_hidden_layers
     critic_fwd = (forward_flops_per_token(policy_cfg) * seq_tokens * critic_layers / text_cfg.num_hidden_layers
                   if pc.value_model == "critic" else 0.0)
-    # policy with values, and reference; an fp32 policy that samples itself with a critic reuses generation's
-    # logprobs and skips its forward (rlhf.rollout)
+    # policy with values, and reference; an fp32 policy that samples itself with a critic (or without a value
+    # function) reuses generation's logprobs and skips its forward (rlhf.rollout)
     reuses_generation = reuses_sampling_logprobs(pc, run_dtype)
     forward_flops = (1 if reuses_generation else 2) * policy_fwd + critic_fwd
     # backward ≈ 2× forward (input and weight gradients); with LoRA the policy skips its weight gradients

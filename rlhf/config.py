@@ -228,9 +228,14 @@ class PPOConfig:
     """Clip reward-model scores to ±this before shaping."""
     reward: str = "rm"
     """Reward: `rm` (trained reward model), a judge name (see prefs.judge), or a weighted sum `rm:1.0,vader:0.5`."""
-    value_model: Literal["critic", "head"] = "critic"
+    value_model: Literal["critic", "head", "none"] = "critic"
     """`critic`: separate value model, initialised from the reward model when it shares the policy's tokenizer
-    (else from the policy's backbone); `head`: zero-initialised value head on the policy trunk."""
+    (else from the policy's backbone); `head`: zero-initialised value head on the policy trunk; `none`: no value
+    function, each answer's baseline is the mean return of the other answers to its prompt (RLOO; needs
+    `samples_per_prompt` >= 2)."""
+    samples_per_prompt: int = 1
+    """Answers sampled per prompt in a rollout. `batch_size` counts answers: each update draws
+    batch_size / samples_per_prompt prompts."""
     critic_warmup_updates: int = 0
     """Updates at the start that train only the value function."""
     lora: bool = False
@@ -475,6 +480,10 @@ def ppo_sizes(ppo: PPOConfig, num_processes: int = 1) -> PPOSizes:
         f"per-process mini-batch {local_mini} (ppo.mini_batch_size / processes) must be divisible by "
         f"ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps}",
     )
+    per_process = f" per process ({local_batch})" if num_processes > 1 else ""
+    exact_div(local_batch, ppo.samples_per_prompt,
+              f"ppo.batch_size={ppo.batch_size}{per_process} must be a multiple of "
+              f"ppo.samples_per_prompt={ppo.samples_per_prompt}: each process samples whole groups of answers")
     steps = ppo.num_updates * ppo.ppo_epochs * num_mini
     return PPOSizes(num_processes, local_batch, local_mini, micro, num_mini, steps)
 
@@ -498,7 +507,7 @@ RANGES = {
     "ppo.temperature": "> 0", "ppo.missing_eos_penalty": ">= 0", "ppo.kl_coef": ">= 0", "ppo.target_kl": "> 0",
     "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.cliprange": "(0, 1)",
     "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.kl_loss_coef": ">= 0", "ppo.score_clip": "> 0",
-    "ppo.critic_warmup_updates": ">= 0",
+    "ppo.critic_warmup_updates": ">= 0", "ppo.samples_per_prompt": "> 0",
     "ppo.lora_r": "> 0", "ppo.lora_alpha": "> 0", "ppo.save_every": "> 0", "ppo.keep_checkpoints": "> 0",
     "ppo.sample_every": "> 0",
     "eval.num_prompts": ">= 0", "eval.max_new_tokens": "> 0", "eval.temperature": "> 0", "eval.batch_size": "> 0",
@@ -560,6 +569,13 @@ def validate(cfg: PipelineConfig) -> None:
             f"ppo.critic_warmup_updates={cfg.ppo.critic_warmup_updates} leaves no policy updates "
             f"(ppo.num_updates={cfg.ppo.num_updates})"
         )
+    if cfg.ppo.value_model == "none":
+        if cfg.ppo.samples_per_prompt < 2:
+            raise ConfigError("ppo.value_model=none takes its baseline from the other answers to the same prompt: "
+                              f"set ppo.samples_per_prompt >= 2 (got {cfg.ppo.samples_per_prompt})")
+        if cfg.ppo.critic_warmup_updates:
+            raise ConfigError(f"ppo.critic_warmup_updates={cfg.ppo.critic_warmup_updates} warms up a value function "
+                              "that ppo.value_model=none does not have: set it to 0")
     ppo_sizes(cfg.ppo, 1)
 
 

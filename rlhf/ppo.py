@@ -61,7 +61,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     fingerprint = stage_identity(cfg, run_dir, "ppo")
     start = resume(out, fingerprint, accelerator, trained, optimizer, scheduler, kl_ctl, pc.num_updates)
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
-    schedule = PromptSchedule(len(enc.prompts), pc.batch_size, ppo_seed(cfg))
+    schedule = PromptSchedule(len(enc.prompts), pc.batch_size // pc.samples_per_prompt, ppo_seed(cfg),
+                              pc.samples_per_prompt)
 
     for update in tqdm(range(start, pc.num_updates), desc="PPO", initial=start, total=pc.num_updates,
                        disable=not accelerator.is_main_process):
@@ -130,8 +131,10 @@ def training_prompts(cfg: PipelineConfig, tokenizer) -> EncodedPrompts:
     """The encoded training prompts, at least one batch of them."""
     prompts = load_prompts(cfg.data.train_prompts, cfg.data.prompt_column, cfg.data.split, cfg.data.max_train_prompts)
     enc = encode_config_prompts(cfg, prompts, tokenizer)
-    if len(enc.prompts) < cfg.ppo.batch_size:
-        raise UserError(f"{len(enc.prompts)} training prompts, fewer than ppo.batch_size={cfg.ppo.batch_size}")
+    per_update = cfg.ppo.batch_size // cfg.ppo.samples_per_prompt
+    if len(enc.prompts) < per_update:
+        raise UserError(f"{len(enc.prompts)} training prompts, fewer than the {per_update} of one update "
+                        f"(ppo.batch_size={cfg.ppo.batch_size} / ppo.samples_per_prompt={cfg.ppo.samples_per_prompt})")
     return enc
 
 
@@ -161,10 +164,11 @@ def rollout_settings(pc: PPOConfig, sizes: PPOSizes, stop_ids: list[int]) -> dic
 
 class PromptSchedule:
     """The prompts of each update: a fixed shuffle per pass over the data, drawn from the seed and the pass
-    number alone, so a resumed run sees the prompts an uninterrupted one would."""
+    number alone, so a resumed run sees the prompts an uninterrupted one would. `batch_size` prompts per update,
+    each `repeats` times in a row (the answers sampled per prompt)."""
 
-    def __init__(self, num_prompts: int, batch_size: int, seed: int):
-        self.num_prompts, self.batch_size, self.seed = num_prompts, batch_size, seed
+    def __init__(self, num_prompts: int, batch_size: int, seed: int, repeats: int = 1):
+        self.num_prompts, self.batch_size, self.seed, self.repeats = num_prompts, batch_size, seed, repeats
         self.per_pass = num_prompts // batch_size
         self.orders: dict[int, torch.Tensor] = {}
 
@@ -173,7 +177,8 @@ class PromptSchedule:
         if data_pass not in self.orders:
             generator = torch.Generator().manual_seed(self.seed + data_pass)
             self.orders[data_pass] = torch.randperm(self.num_prompts, generator=generator)
-        return self.orders[data_pass][slot * self.batch_size:(slot + 1) * self.batch_size].tolist()
+        prompts = self.orders[data_pass][slot * self.batch_size:(slot + 1) * self.batch_size]
+        return prompts.repeat_interleave(self.repeats).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,13 +187,19 @@ class PromptSchedule:
 
 def compute_advantages(rollout: Rollout, kl_coef: float, cfg, reduce=None) -> Rollout:
     """KL-shaped per-token rewards, then GAE over response tokens and whitened advantages (details 4, 6).
+    Without a value function (`value_model: none`), each answer's advantage is its return (score - β·KL) less
+    the mean return of its prompt's other answers, the same at all its tokens (RLOO).
     `reduce`: a sum over processes, so that whitening sees every process's batch (rlhf.distributed)."""
     mask = rollout.response_mask
     rewards, kl = ppo_core.per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
                                              kl_coef, cfg.kl_estimator)
     if cfg.whiten_rewards:
         rewards = ppo_core.masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
-    advantages, returns = ppo_core.compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+    if rollout.values is None:
+        loo = ppo_core.leave_one_out_advantages(ppo_core.masked_sum(rewards, mask, dim=1), cfg.samples_per_prompt)
+        advantages, returns = ppo_core.zero_masked(loo.unsqueeze(1).expand_as(rewards), mask), None
+    else:
+        advantages, returns = ppo_core.compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
     rollout.rewards, rollout.kl, rollout.returns = rewards, kl, returns
     rollout.advantages = ppo_core.masked_whiten(advantages, mask, reduce=reduce)
     return rollout
@@ -257,8 +268,11 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                     logprobs = ppo_core.logprobs_from_logits(logits, rollout.responses.ids[idx], cfg.temperature)
                     pg_loss, pg_stats = ppo_core.policy_loss(logprobs, rollout.logprobs[idx],
                                                              rollout.advantages[idx], mask, cfg.cliprange)
-                    vf_loss, vf_stats = ppo_core.value_loss(values, rollout.values[idx], rollout.returns[idx],
-                                                            mask, cfg.cliprange_value)
+                    if values is not None:
+                        vf_loss, vf_stats = ppo_core.value_loss(values, rollout.values[idx], rollout.returns[idx],
+                                                                mask, cfg.cliprange_value)
+                    else:  # no value function (RLOO baselines)
+                        vf_loss, vf_stats = torch.zeros((), device=logprobs.device), {}
                     if cfg.kl_loss_coef > 0:  # exact KL at every response position, all tokens of the vocabulary
                         exact_kl = ppo_core.masked_mean(ppo_core.exact_kl_from_logits(
                             logits, rollout.ref_distribution[idx], cfg.temperature), mask)
@@ -282,11 +296,14 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                     optimizer.zero_grad()
                 with torch.no_grad():
                     entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits.detach(), cfg.temperature), mask)
-                for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/entropy", entropy),
+                for key, value in (("loss/policy", pg_loss), ("policy/entropy", entropy),
                                    ("policy/approxkl", pg_stats["approxkl"]), ("policy/clipfrac", pg_stats["clipfrac"]),
-                                   ("val/ratio", pg_stats["ratio"]), ("val/clipfrac", vf_stats["clipfrac"]),
-                                   ("val/error", vf_stats["error"])):
+                                   ("val/ratio", pg_stats["ratio"])):
                     stats.setdefault(key, []).append(value.item())
+                if vf_stats:
+                    for key, value in (("loss/value", vf_loss), ("val/clipfrac", vf_stats["clipfrac"]),
+                                       ("val/error", vf_stats["error"])):
+                        stats.setdefault(key, []).append(value.item())
                 del logits, values
     check_weights([local_tensor(p) for p in model.parameters() if p.requires_grad], None, diverged_hint(cfg),
                   gather=gather_over_processes(accelerator))
@@ -317,10 +334,11 @@ def rollout_metrics(rollout: Rollout, kl_coef: float, accelerator) -> dict[str, 
         "val/num_eos_tokens": rollout.responses.has_stop.float().sum(),
         "val/response_length": rollout.responses.lengths.float().mean(),
         "val/sequence_width": torch.tensor(float(rollout.seqs.input_ids.shape[1])),
-        "val/value_mean": ppo_core.masked_mean(rollout.values, mask),
         "val/advantage_mean": ppo_core.masked_mean(rollout.advantages, mask),
         "objective/kl_coef": torch.tensor(kl_coef),
     }
+    if rollout.values is not None:
+        m["val/value_mean"] = ppo_core.masked_mean(rollout.values, mask)
     if rollout.gold is not None:
         m["objective/gold"] = rollout.gold.float().mean()
     return {k: global_mean(v, accelerator) for k, v in m.items()}

@@ -207,6 +207,17 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     return zero_masked(advantages, response_mask), zero_masked(returns, response_mask)
 
 
+def leave_one_out_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Advantages (B,) of sequence returns (B,) against the mean return of the other answers to the same prompt:
+    rows come in consecutive groups of `group_size` answers per prompt (RLOO; Kool et al. 2019, Ahmadian et al.
+    2024, arXiv:2402.14740)."""
+    # A_i = R_i - (sum_j R_j - R_i) / (k - 1) = k / (k - 1) * (R_i - mean_j R_j)
+    if group_size < 2 or returns.shape[0] % group_size:
+        raise ValueError(f"{returns.shape[0]} returns do not split into groups of {group_size} >= 2 answers")
+    groups = returns.reshape(-1, group_size)  # (B / k, k)
+    return (group_size / (group_size - 1) * (groups - groups.mean(dim=1, keepdim=True))).reshape(-1)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate loss (scalar), token mean over mask (B, T), from logprobs, old_logprobs and advantages

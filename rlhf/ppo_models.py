@@ -65,23 +65,28 @@ def response_forward(lm: nn.Module, seqs: Sequences) -> tuple[torch.Tensor, torc
 
 
 class PolicyAndValue(nn.Module):
-    """The policy and its value function: a zero-initialised head on the policy trunk, or a critic. One module,
-    so that accelerate prepares (and an engine wraps) the trained weights together."""
+    """The policy and its value function: a zero-initialised head on the policy trunk, a critic, or none
+    (`value_head=False`: the values are None). One module, so that accelerate prepares (and an engine wraps)
+    the trained weights together."""
 
-    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None, value_head: bool = True):
         super().__init__()
         self.policy = policy
         self.critic = critic
         # the attention the policy was loaded with: training may switch it (eager on the CPU), sampling
         # from the policy itself switches back to it
         self.generation_attention = policy.config._attn_implementation
-        if critic is None:
+        if critic is None and value_head:
             hidden = policy.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         else:
             self.value_head = None
+
+    @property
+    def has_values(self) -> bool:
+        return self.critic is not None or self.value_head is not None
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -93,8 +98,8 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 context_length: int, what: str = "both"):
-        """(logits (B, R, V) predicting each response token, values (B, R) of the states before them); the
-        arguments are a `Sequences`. `what` picks the forward: "both", "logits" (values None), "values" (the
+        """(logits (B, R, V) predicting each response token, values (B, R) of the states before them, None
+        without a value function); the arguments are a `Sequences`. `what` picks the forward: "both", "logits" (values None), "values" (the
         critic alone; logits None) or "reference" (the policy with its LoRA adapters disabled; values None).
         Every forward of the trained weights comes through here, where an engine's wrapper gathers them."""
         seqs = Sequences(input_ids, attention_mask, position_ids, context_length)
@@ -104,7 +109,7 @@ class PolicyAndValue(nn.Module):
             with self.policy.disable_adapter():
                 return response_forward(self.policy, seqs)[0], None
         logits, hidden = response_forward(self.policy, seqs)
-        if what == "logits":
+        if what == "logits" or not self.has_values:
             return logits, None
         if self.critic is None:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, R)
@@ -170,7 +175,7 @@ def build_models(cfg, reward_dir: Path, device, dtype, sharded: bool = False) ->
             critic = load_reward_model(cfg.model.policy, torch.float32, cfg.model.trust_remote_code,
                                        cfg.reward.num_layers)
     # eval mode, as it samples (ppo_update trains in train mode); records the attention the policy samples with
-    model = PolicyAndValue(policy, critic).to(device).eval()
+    model = PolicyAndValue(policy, critic, value_head=cfg.ppo.value_model == "head").to(device).eval()
     for trained in (policy, critic):
         if trained is not None:
             set_training_attention(trained, device)
@@ -198,8 +203,9 @@ def needs_sampler(pc, dtype: torch.dtype, sharded: bool = False) -> bool:
 
 def reuses_sampling_logprobs(pc, dtype: torch.dtype) -> bool:
     """Whether a rollout keeps the logprobs of generation and skips the policy's forward (`collect_rollout`):
-    the fp32 policy samples itself, without autocast, and a separate critic gives the values."""
-    return not needs_sampler(pc, dtype) and pc.value_model == "critic"
+    the fp32 policy samples itself, without autocast, and a separate critic (or no value function) gives the
+    values."""
+    return not needs_sampler(pc, dtype) and pc.value_model in ("critic", "none")
 
 
 @torch.no_grad()

@@ -28,15 +28,15 @@ class Rollout:
     seqs: Sequences  # prompt + response as the models read them
     logprobs: torch.Tensor  # (B, R) log π_old(token) at sampling temperature
     ref_logprobs: torch.Tensor  # (B, R) log π_ref(token)
-    values: torch.Tensor  # (B, R) V(state before token)
+    values: torch.Tensor | None  # (B, R) V(state before token); None without a value function
     scores: torch.Tensor  # (B,) reward of the whole response (RM / judge, after penalties)
     response_texts: list[str]  # B decoded responses
     gold: torch.Tensor | None = None  # (B,) gold-judge score, for monitoring only
     ref_distribution: torch.Tensor | None = None  # (B, R, V) log π_ref over the vocabulary (ppo.kl_loss_coef)
     rewards: torch.Tensor | None = None  # (B, R) per-token rewards: -β·KL, plus the score at the last token
     kl: torch.Tensor | None = None  # (B, R) per-token KL estimate
-    advantages: torch.Tensor | None = None  # (B, R) whitened GAE advantages
-    returns: torch.Tensor | None = None  # (B, R) value targets
+    advantages: torch.Tensor | None = None  # (B, R) whitened advantages (GAE, or leave-one-out per answer)
+    returns: torch.Tensor | None = None  # (B, R) value targets; None without a value function
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -50,7 +50,7 @@ class KeptForward:
     when one micro-batch holds the batch it is the first PPO epoch's forward (`ppo_update(first_forward=)`)."""
 
     logits: torch.Tensor | None  # (B, R, V); None when the policy's logprobs came from sampling
-    values: torch.Tensor  # (B, R)
+    values: torch.Tensor | None  # (B, R); None without a value function
 
 
 def forward_tokens(model: PolicyAndValue | None, seqs: Sequences, responses: torch.Tensor, temperature: float,
@@ -68,7 +68,8 @@ def forward_tokens(model: PolicyAndValue | None, seqs: Sequences, responses: tor
         with torch.enable_grad():
             logits, values = model(*seqs, what=what)
         logprobs = logprobs_from_logits(logits.detach(), responses, temperature) if logits is not None else None
-        return logprobs, values.detach(), KeptForward(logits, values)
+        return (logprobs, values.detach() if values is not None else None,
+                KeptForward(logits, values) if logits is not None or values is not None else None)
     all_logprobs, all_values = [], []
     with torch.no_grad():
         for i in range(0, responses.shape[0], micro_batch_size):
@@ -104,9 +105,10 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     queries, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     generator = sampler or net.policy
     # When the policy samples itself without autocast, generation computes the very logits of the training
-    # forward (up to float rounding of the KV cache): its logprobs are kept, and with a separate critic the
-    # policy forward of step 2 is skipped.
-    reuse = sampler is None and net.critic is not None and not torch.is_autocast_enabled(device.type)
+    # forward (up to float rounding of the KV cache): its logprobs are kept, and with a separate critic (or no
+    # value function) the policy forward of step 2 is skipped.
+    reuse = (sampler is None and (net.critic is not None or not net.has_values)
+             and not torch.is_autocast_enabled(device.type))
     # the sampler already holds its weights in its dtype; a policy trained with eager attention samples with
     # the attention it was loaded with (faster at generation)
     with torch.autocast(device.type, enabled=False), attention_implementation(generator, net.generation_attention):
@@ -117,8 +119,11 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     # 2. policy logprobs and values, reference logprobs: one forward each over prompt + response
     seqs = Sequences.join(queries, query_mask, responses.ids, responses.mask)
     args = (seqs, responses.ids, temperature, micro_batch_size)
-    logprobs, values, kept = forward_tokens(model, *args, what="values" if reuse else "both", keep_graph=keep_forward)
-    if reuse:  # the policy's logprobs come from generation: only the critic's forward was due
+    logprobs, values, kept = None, None, None
+    if not (reuse and not net.has_values):
+        logprobs, values, kept = forward_tokens(model, *args, what="values" if reuse else "both",
+                                                keep_graph=keep_forward)
+    if reuse:  # the policy's logprobs come from generation: only the critic's forward (if any) was due
         logprobs = responses.logprobs
     ref_logprobs, _, _ = forward_tokens(model, *args, what="reference", lm=ref_policy, full=keep_ref_distribution)
     ref_distribution = None

@@ -402,6 +402,10 @@ def test_range_table_accepts_the_edges(override):
     (["eval.prompts="], "eval.prompts must not be empty"),
     (["prefs.judge="], "prefs.judge is required"),
     (["reward.use_margin=true"], "reward.use_margin needs pairs with a margin"),
+    (["ppo.value_model=none"], "set ppo.samples_per_prompt >= 2 (got 1)"),
+    (["ppo.value_model=none", "ppo.samples_per_prompt=4", "ppo.critic_warmup_updates=2"],
+     "ppo.critic_warmup_updates=2 warms up a value function that ppo.value_model=none does not have"),
+    (["ppo.samples_per_prompt=3"], "ppo.batch_size=32 must be a multiple of ppo.samples_per_prompt=3"),
 ])
 def test_cross_field_and_empty_values(override, words):
     with pytest.raises(ConfigError) as e:

@@ -176,6 +176,50 @@ def test_critic_warmup_trains_the_critic_alone_first(upstream, tmp_path):
     assert [r["objective/kl"] for r in metrics(run_dir)] == [0.0, 0.0, 0.0]
 
 
+def test_rloo_learns_without_a_value_function(upstream, tmp_path):
+    """`ppo.value_model: none`: 4 answers per prompt, each measured against the other 3; no value weights
+    are made, trained or saved, and the policy still learns."""
+    cfg, run_dir = ppo_run(upstream, tmp_path / "run", JUDGE, "ppo.value_model=none", "ppo.samples_per_prompt=4",
+                           "ppo.num_updates=10")
+    rows = metrics(run_dir)
+    gold = [r["objective/gold"] for r in rows]
+    assert sum(gold[-3:]) / 3 > sum(gold[:3]) / 3 + 1.0, gold
+    assert all(math.isfinite(r["loss/policy_avg"]) for r in rows)
+    assert not any(k.startswith(("loss/value", "val/error", "val/value", "val/clipfrac")) for r in rows for k in r)
+    state = checkpoint_state(run_dir, 10)
+    assert state and all(k.startswith("policy.") for k in state)
+    samples = [s for s in read_jsonl(run_dir / "ppo" / "samples.jsonl") if s["step"] == 1]
+    queries = [s["query"] for s in samples]
+    assert len(queries) == 8 and len(set(queries[:4])) == 1 and len(set(queries[4:])) == 1  # groups of 4 answers
+
+
+def test_prompt_schedule_repeats_each_prompt_in_a_row():
+    plain, grouped = ppo.PromptSchedule(20, 5, seed=3), ppo.PromptSchedule(20, 5, seed=3, repeats=4)
+    for update in (0, 3, 4, 9):  # a new pass over the 20 prompts starts at update 4
+        assert grouped.batch(update) == [i for i in plain.batch(update) for _ in range(4)]
+    assert sorted(plain.batch(0) + plain.batch(1) + plain.batch(2) + plain.batch(3)) == list(range(20))
+
+
+def test_compute_advantages_without_values_are_leave_one_out_returns():
+    _, mask = random_batch(3)  # 4 answers: two prompts with 2 answers each
+    B, T = mask.shape
+    g = torch.Generator().manual_seed(5)
+    rollout = SimpleNamespace(response_mask=mask, scores=torch.randn(B, generator=g),
+                              logprobs=-torch.rand(B, T, generator=g), ref_logprobs=-torch.rand(B, T, generator=g),
+                              values=None)
+    cfg = SimpleNamespace(kl_estimator="k1", whiten_rewards=False, samples_per_prompt=2)
+    out = ppo.compute_advantages(rollout, 0.1, cfg)
+    assert out.returns is None
+    rewards, _ = ppo_core.per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, 0.1)
+    R = ppo_core.masked_sum(rewards, mask, dim=1)  # score - 0.1 * sequence KL
+    loo = torch.stack([R[0] - R[1], R[1] - R[0], R[2] - R[3], R[3] - R[2]])  # each against its prompt's other
+    expected = ppo_core.masked_whiten(loo[:, None].expand(B, T), mask)  # every token of an answer: its advantage
+    torch.testing.assert_close(out.advantages, expected)
+    m = mask.bool()
+    assert (out.advantages[~m] == 0).all()
+    assert out.advantages[m].mean().abs() < 1e-5 and out.advantages[m].std() == pytest.approx(1.0, abs=1e-4)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_exact_kl_loss_holds_the_policy_near_the_reference(upstream, tmp_path, lora):
     """`ppo.kl_loss_coef` adds KL(π ‖ π_ref) over the whole vocabulary to the loss: the same run drifts less

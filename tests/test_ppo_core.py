@@ -17,6 +17,7 @@ from rlhf.ppo_core import (
     exact_kl_from_logits,
     first_true_indices,
     kl_penalty,
+    leave_one_out_advantages,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -316,6 +317,18 @@ def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
     # reward-to-go [6, 5, 3]; minus V [0.5, 1, 1.5]
     torch.testing.assert_close(advantages, t([[5.5, 4.0, 1.5, 0.0]]))
     torch.testing.assert_close(returns, t([[6.0, 5.0, 3.0, 0.0]]))
+
+
+def test_leave_one_out_advantages_hand_values():
+    # group (1, 2, 3, 6): answer 1 against (2 + 3 + 6) / 3 gives -8/3, answer 4 against 2 gives 4;
+    # group (0, 0, 4, 4): a 4 against 4/3 gives 8/3
+    returns = t([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 4.0, 4.0])
+    assert leave_one_out_advantages(returns, 4).tolist() == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0,
+                                                                           -8 / 3, -8 / 3, 8 / 3, 8 / 3])
+    assert leave_one_out_advantages(returns, 2).tolist() == pytest.approx([-1, 1, -3, 3, 0, 0, 0, 0])
+    for bad in (1, 3):  # a single answer has no other; 8 rows do not split into groups of 3
+        with pytest.raises(ValueError, match="groups"):
+            leave_one_out_advantages(returns, bad)
 
 
 def test_gae_hand_computed_three_steps():
