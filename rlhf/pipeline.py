@@ -1,8 +1,9 @@
 """The orchestrator: runs stages in order over one run directory, skipping those already done.
 
 A stage is done when its `_done.json` holds the current fingerprint (rlhf.stages: the settings and
-file contents it reads, chained with the stages before it) and the stages before it are still the
-executions it read. A stage that is not done runs in a work folder of its own,
+file contents it reads, chained with the stages before it; a setting added since it ran, at the value
+that computes what it computed, does not count) and the stages before it are still the executions it
+read. A stage that is not done runs in a work folder of its own,
 `<run_dir>/.partial/<stage>...`; only when it has finished does that folder, marker included, replace
 `<run_dir>/<stage>` in one rename, and `config.yaml` is written. A stage that fails or is killed leaves
 the run directory as it was. PPO's work folder is named by what its checkpoints belong to, so a killed

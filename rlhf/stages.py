@@ -9,10 +9,13 @@ A stage's fingerprint hashes, chained with the fingerprint of the stage before i
   model folders, the GGUF file of the embedded default, the source file of a `module:function`
   judge) and, for a hub name, the revision in the local hub cache when there is one.
 
-A finished stage writes `<stage>/_done.json`: its fingerprint, the `id` of this execution and the ids
-of the upstream executions it read. A stage is done when its fingerprint is current and the stages
-before it are still the executions it read: an upstream stage that was recomputed (`--force`) makes
-every later stage stale even when no setting changed.
+A finished stage writes `<stage>/_done.json`: its fingerprint, the settings and sources it hashed, the
+`id` of this execution and the ids of the upstream executions it read. A stage is done when its
+fingerprint is current and the stages before it are still the executions it read: an upstream stage
+that was recomputed (`--force`) makes every later stage stale even when no setting changed. A stage
+finished before a setting was added to the schema (`ADDED_SETTINGS`) stays done while that setting
+holds the value that computes what the stage computed and its other settings, its sources and the
+stages before it are unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # Fields that change no result: they never make a stage rerun, and a killed PPO run resumes across them.
 NO_EFFECT = ("run.name", "run.output_dir", "run.device", "run.threads", "ppo.sample_every", "ppo.save_every",
              "ppo.keep_checkpoints", "tracking")
+# Settings added after runs were made, each with the value that computes what those runs computed: a finished
+# stage whose record lacks one of them, now at that value, is still done (its fingerprint differs, its work not).
+ADDED_SETTINGS = {"ppo.kl_loss_coef": 0.0, "ppo.samples_per_prompt": 1}
 # Fields that name files, folders, modules or hub repositories, whose contents enter the fingerprint.
 SOURCE_FIELDS = {"model.policy": "model", "reward.backbone": "model", "data.train_prompts": "data",
                  "data.test_prompts": "data", "eval.prompts": "data", "prefs.dataset": "data",
@@ -259,8 +265,13 @@ def why_not_done(cfg: PipelineConfig, run_dir: Path, stage: str, records: dict |
     marker = read_marker(run_dir, stage)
     if marker is None:
         return "has not finished"
-    record = (records or stage_records(cfg, run_dir))[stage]
-    if marker.get("fingerprint") != record["fingerprint"]:
+    records = records or stage_records(cfg, run_dir)
+    record = records[stage]
+    if marker.get("fingerprint") != record["fingerprint"] and same_work(marker, record):
+        for s in STAGES[: STAGES.index(stage)]:  # what the chained fingerprint covers: the stages before
+            if (why := why_not_done(cfg, run_dir, s, records)) is not None:
+                return f"reads the {s} stage, which {why}"
+    elif marker.get("fingerprint") != record["fingerprint"]:
         old_inputs, old_sources = marker.get("inputs", {}), marker.get("sources", {})
         changed = [f"{k}: {old_inputs.get(k)!r} -> {v!r}" for k, v in record["inputs"].items()
                    if k in old_inputs and old_inputs[k] != v]
@@ -277,6 +288,17 @@ def why_not_done(cfg: PipelineConfig, run_dir: Path, stage: str, records: dict |
         if recorded.get(s) != current:
             return f"read outputs of the {s} stage that have been recomputed since"
     return None
+
+
+def same_work(marker: dict, record: dict) -> bool:
+    """Whether a finished stage's recorded settings and sources are the current ones, once the settings added
+    since it ran (`ADDED_SETTINGS`), at the value that computes what it computed, are left out."""
+    old = marker.get("inputs")
+    if not isinstance(old, dict) or marker.get("sources") != record["sources"]:
+        return False
+    current = {k: v for k, v in record["inputs"].items()
+               if k in old or k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+    return json.loads(json.dumps(current)) == old  # as the marker stores them (lists, not tuples)
 
 
 def is_done(cfg: PipelineConfig, run_dir: Path, stage: str) -> bool:

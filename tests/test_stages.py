@@ -120,11 +120,43 @@ def test_file_hashes_reuse_size_and_mtime(tmp_path):
     assert hashes.folder(folder) != h1
 
 
+def finished_markers(cfg, run_dir: Path) -> None:
+    """`_done.json` of every stage, as a run of `cfg` leaves them (no outputs: only the bookkeeping is read)."""
+    for stage in stages.STAGES:
+        stages.write_marker(run_dir / stage, stages.marker_for(cfg, run_dir, stage, 1.0))
+
+
+def test_a_setting_added_since_a_run_at_the_value_it_computed_keeps_the_run(tmp_path):
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}"])
+    finished_markers(cfg, tmp_path)
+    assert all(stages.is_done(cfg, tmp_path, s) for s in stages.STAGES)
+    marker = stages.read_marker(tmp_path, "ppo")  # as a run from before `ppo.samples_per_prompt` existed left it
+    del marker["inputs"]["ppo.samples_per_prompt"]
+    stages.write_marker(tmp_path / "ppo", {**marker, "fingerprint": "an earlier version's"})
+    assert set(stages.ADDED_SETTINGS) <= set(stages.stage_records(cfg, tmp_path)["ppo"]["inputs"])
+    assert stages.is_done(cfg, tmp_path, "ppo") and stages.is_done(cfg, tmp_path, "eval")
+    # at another value the setting changes the work: the stage and the next rerun, and the reason names it
+    other = load_config(TINY, [f"run.output_dir={tmp_path}", "ppo.samples_per_prompt=2"])
+    assert stages.why_not_done(other, tmp_path, "ppo") == ("was run with other settings (ppo.samples_per_prompt: "
+                                                           "a setting the earlier run did not have, now 2)")
+    assert not stages.is_done(other, tmp_path, "eval")
+    # a changed setting the run did record still counts, and so does a stale stage upstream
+    changed = load_config(TINY, [f"run.output_dir={tmp_path}", "ppo.kl_coef=0.5"])
+    assert not stages.is_done(changed, tmp_path, "ppo")
+    reward = stages.read_marker(tmp_path, "reward")
+    reward["inputs"]["reward.epochs"] += 1
+    stages.write_marker(tmp_path / "reward", {**reward, "fingerprint": "of other settings"})
+    epochs = cfg.reward.epochs
+    assert stages.why_not_done(cfg, tmp_path, "ppo") == ("reads the reward stage, which was run with other settings "
+                                                         f"(reward.epochs: {epochs + 1} -> {epochs})")
+
+
 def test_a_setting_added_since_a_finished_run_is_named_as_the_reason_it_reruns(tmp_path):
     cfg = load_config(TINY, [f"run.output_dir={tmp_path}"])
     inputs = stages.stage_records(cfg, tmp_path)["ppo"]["inputs"]
     assert "ppo.kl_loss_coef" in inputs
     earlier = {k: v for k, v in inputs.items() if k != "ppo.kl_loss_coef"}  # a run from before the field existed
     stages.write_marker(tmp_path / "ppo", {"fingerprint": "an earlier version's", "inputs": earlier})
+    cfg.ppo.kl_loss_coef = 0.1
     reason = stages.why_not_done(cfg, tmp_path, "ppo")
-    assert reason == "was run with other settings (ppo.kl_loss_coef: a setting the earlier run did not have, now 0.0)"
+    assert reason == "was run with other settings (ppo.kl_loss_coef: a setting the earlier run did not have, now 0.1)"
