@@ -506,21 +506,27 @@ def test_bf16_path_trains_fp32_weights_and_samples_from_a_bf16_copy(tmp_path, lo
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ppo" / "policy")
 
 
-def test_two_cpu_processes(upstream, tmp_path):
-    """Distributed PPO on two CPU processes (gloo): statistics are reduced, one process writes."""
+@pytest.mark.parametrize("value", [[], ["ppo.value_model=none", "ppo.samples_per_prompt=4"]], ids=["critic", "rloo"])
+def test_two_cpu_processes(upstream, tmp_path, value):
+    """Distributed PPO on two CPU processes (gloo): statistics are reduced, one process writes; without a value
+    function each process samples whole groups of answers."""
     import os
     import subprocess
     import sys
 
     run_dir = copy_upstream(upstream, tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf.cli", "ppo",
-           "configs/tiny.yaml", f"run.output_dir={run_dir}", *BASE, "ppo.num_updates=2"]
+           "configs/tiny.yaml", f"run.output_dir={run_dir}", *BASE, "ppo.num_updates=2", *value]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]  # written once, by the main process
     assert all(math.isfinite(r["objective/kl"]) and math.isfinite(r["loss/policy_avg"]) for r in rows)
     assert (run_dir / "ppo" / "policy" / "config.json").is_file()
+    assert all(r["dist/num_processes"] == 2 for r in rows)
+    if value:  # the main process's first rows: two prompts, four answers each
+        queries = [s["query"] for s in read_jsonl(run_dir / "ppo" / "samples.jsonl") if s["step"] == 1]
+        assert len(set(queries[:4])) == 1 and len(set(queries[4:8])) == 1 and queries[0] != queries[4]
 
 
 def test_clip_gradients_scales_only_above_the_limit():

@@ -219,6 +219,24 @@ def test_generation_logprobs_equal_the_training_forward_with_a_critic(tok):
     assert 0 < int(r.responses.has_stop.sum()) < len(PROMPTS)
 
 
+def test_without_a_value_function_the_rollout_runs_only_the_reference(tok):
+    # fp32, the policy samples itself, no value function (ppo.value_model: none): generation's logprobs are
+    # the policy's, values are None, and the only forward over prompt + response is the reference's
+    model = PolicyAndValue(fresh_policy(), value_head=False).eval()
+    assert not model.has_values and model.value_head is None and model.critic is None
+    passes = []
+    model.policy.model.register_forward_pre_hook(lambda m, a, kw: passes.append(kw["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    r = rollout(model, fresh_policy(), tok, frequent_stop_ids(tok), temperature=0.7)
+    assert r.values is None
+    full = r.seqs.input_ids.shape[1]
+    assert full not in passes  # generation's prefill and steps are shorter than prompt + response
+    again, values = policy_logprobs(model, r.seqs, r.responses.ids, 0.7, micro_batch_size=3)
+    assert values is None
+    mask = r.response_mask
+    assert torch.allclose(r.logprobs[mask], again[mask], atol=1e-5)
+
+
 def test_missing_eos_penalty_only_for_rows_without_stop(tok):
     model = PolicyAndValue(fresh_policy()).eval()
     ref = fresh_policy()
