@@ -99,8 +99,9 @@ class PolicyAndValue(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 context_length: int, what: str = "both"):
         """(logits (B, R, V) predicting each response token, values (B, R) of the states before them, None
-        without a value function); the arguments are a `Sequences`. `what` picks the forward: "both", "logits" (values None), "values" (the
-        critic alone; logits None) or "reference" (the policy with its LoRA adapters disabled; values None).
+        without a value function); the arguments are a `Sequences`. `what` picks the forward: "both", "logits"
+        (values None), "values" (the critic alone; logits None) or "reference" (the policy with its LoRA adapters
+        disabled; values None).
         Every forward of the trained weights comes through here, where an engine's wrapper gathers them."""
         seqs = Sequences(input_ids, attention_mask, position_ids, context_length)
         if what == "values":
