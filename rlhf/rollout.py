@@ -68,8 +68,7 @@ def forward_tokens(model: PolicyAndValue | None, seqs: Sequences, responses: tor
         with torch.enable_grad():
             logits, values = model(*seqs, what=what)
         logprobs = logprobs_from_logits(logits.detach(), responses, temperature) if logits is not None else None
-        return (logprobs, values.detach() if values is not None else None,
-                KeptForward(logits, values) if logits is not None or values is not None else None)
+        return logprobs, values.detach() if values is not None else None, KeptForward(logits, values)
     all_logprobs, all_values = [], []
     with torch.no_grad():
         for i in range(0, responses.shape[0], micro_batch_size):
@@ -120,7 +119,7 @@ def collect_rollout(model: PolicyAndValue, ref_policy, prompts: list[Any], promp
     seqs = Sequences.join(queries, query_mask, responses.ids, responses.mask)
     args = (seqs, responses.ids, temperature, micro_batch_size)
     logprobs, values, kept = None, None, None
-    if not (reuse and not net.has_values):
+    if not reuse or net.has_values:
         logprobs, values, kept = forward_tokens(model, *args, what="values" if reuse else "both",
                                                 keep_graph=keep_forward)
     if reuse:  # the policy's logprobs come from generation: only the critic's forward (if any) was due
