@@ -267,20 +267,12 @@ def why_not_done(cfg: PipelineConfig, run_dir: Path, stage: str, records: dict |
         return "has not finished"
     records = records or stage_records(cfg, run_dir)
     record = records[stage]
-    if marker.get("fingerprint") != record["fingerprint"] and same_work(marker, record):
+    if marker.get("fingerprint") != record["fingerprint"]:
+        if not same_work(marker, record):
+            return "was run with other settings" + changed_settings(marker, record)
         for s in STAGES[: STAGES.index(stage)]:  # what the chained fingerprint covers: the stages before
             if (why := why_not_done(cfg, run_dir, s, records)) is not None:
                 return f"reads the {s} stage, which {why}"
-    elif marker.get("fingerprint") != record["fingerprint"]:
-        old_inputs, old_sources = marker.get("inputs", {}), marker.get("sources", {})
-        changed = [f"{k}: {old_inputs.get(k)!r} -> {v!r}" for k, v in record["inputs"].items()
-                   if k in old_inputs and old_inputs[k] != v]
-        changed += [f"{k}: a setting the earlier run did not have, now {v!r}" for k, v in record["inputs"].items()
-                    if old_inputs and k not in old_inputs]
-        changed += [f"contents of {k} ({record['inputs'][k]})" for k, v in record["sources"].items()
-                    if old_sources.get(k) != v and k in old_sources]
-        return ("was run with other settings" + (f" ({'; '.join(changed[:3])})" if changed else
-                                                  " (in this or an earlier stage)"))
     recorded = marker.get("upstream", {})
     for s, current in upstream_ids(run_dir, stage).items():
         if current is None:
@@ -288,6 +280,18 @@ def why_not_done(cfg: PipelineConfig, run_dir: Path, stage: str, records: dict |
         if recorded.get(s) != current:
             return f"read outputs of the {s} stage that have been recomputed since"
     return None
+
+
+def changed_settings(marker: dict, record: dict) -> str:
+    """What differs between a finished stage's record and the current one, in words (up to three items)."""
+    old_inputs, old_sources = marker.get("inputs", {}), marker.get("sources", {})
+    changed = [f"{k}: {old_inputs.get(k)!r} -> {v!r}" for k, v in record["inputs"].items()
+               if k in old_inputs and old_inputs[k] != v]
+    changed += [f"{k}: a setting the earlier run did not have, now {v!r}" for k, v in record["inputs"].items()
+                if old_inputs and k not in old_inputs]
+    changed += [f"contents of {k} ({record['inputs'][k]})" for k, v in record["sources"].items()
+                if old_sources.get(k) != v and k in old_sources]
+    return f" ({'; '.join(changed[:3])})" if changed else " (in this or an earlier stage)"
 
 
 def same_work(marker: dict, record: dict) -> bool:
