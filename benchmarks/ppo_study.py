@@ -13,10 +13,10 @@ skips the best-of-n samples (`eval.best_of_n=[]`): they do not depend on the pol
 frontier is the one every trial is read against (same reward model, reference, prompts and seed).
 
 Each trial appends one row to `<base>-study/results.jsonl`: held-out gold, KL, RM score, gold win rate,
-length, distinct-2, the last rollout's gold and KL, and the stage seconds. `--table` prints the base
-run and every trial as a Markdown table, with the best-of-n gold at each one's KL and the largest n's
-gold, both from the base run's frontier (or, while the base has no eval, from the first trial that sampled
-the best-of-n answers).
+length, distinct-2, the last rollout's gold and KL, the updates trained (fewer than `ppo.num_updates` where
+`ppo.stop_kl` ended PPO early) and the stage seconds. `--table` prints the base run and every trial as a
+Markdown table, with the best-of-n gold at each one's KL and the largest n's gold, both from the base run's
+frontier (or, while the base has no eval, from the first trial that sampled the best-of-n answers).
 
 `--kl-breakdown` says where a finished run's KL goes: it samples the eval stage's policy answers again
 (the same prompts, settings and seeds, so the same tokens), takes log π − log π_ref per token, and prints
@@ -65,6 +65,7 @@ def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
         "score": metrics["policy_score"], "win_rate_gold": metrics["win_rate_gold"],
         "policy_length": metrics["policy_length"], "distinct_2": metrics["policy_distinct_2"],
         "rollout_gold_last": ppo_log[-1].get("objective/gold"), "rollout_kl_last": ppo_log[-1].get("objective/kl"),
+        "updates": sum(1 for row in ppo_log if not row.get("stopped")),  # `ppo.stop_kl` may end PPO early
         "seconds": {stage: read_json(trial / stage / "_done.json")["seconds"] for stage in ("reward", "ppo", "eval")},
     }
 
@@ -74,13 +75,13 @@ def table(base: Path, rows: list[dict]) -> str:
     points = base_frontier(base, [r["name"] for r in rows])
     largest = max(points, key=lambda p: p["n"])
     lines = [f"| trial | overrides | gold | KL | RM score | gold win rate | best-of-n gold at its KL "
-             f"| best-of-{largest['n']} gold | length | distinct-2 | ppo s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| best-of-{largest['n']} gold | length | distinct-2 | updates | ppo s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bon_gold, beyond = bon_gold_at_kl(points, r["kl"])
         lines.append(f"| {r['name']} | {' '.join(r['overrides']) or '(base settings)'} | {r['gold']:.3f} | {r['kl']:.2f} "
                      f"| {r['score']:.2f} | {r['win_rate_gold']:.2f} | {bon_gold:.3f}{' (beyond)' if beyond else ''} "
-                     f"| {largest['gold']:.3f} | {r['policy_length']:.1f} | {r['distinct_2']:.2f} "
+                     f"| {largest['gold']:.3f} | {r['policy_length']:.1f} | {r['distinct_2']:.2f} | {r.get('updates', '')} "
                      f"| {r['seconds']['ppo']:.0f} | {r['seconds']['eval']:.0f} |")
     return "\n".join(lines)
 

@@ -36,26 +36,27 @@ def trainable_state(model: PolicyAndValue) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, kl_ctl, update: int, fingerprint: str,
-                    rng_states: list[dict[str, Any]], keep: int | None = None) -> Path:
+                    rng_states: list[dict[str, Any]], keep: int | None = None, stopped_kl: float | None = None) -> Path:
     """`ckpt_dir/step_NNNNN`: trainable weights, optimizer, scheduler, KL controller and the random streams of
     every process (`rlhf.distributed.gather_rng_states`), written atomically; then only the newest `keep`
-    checkpoints are kept."""
+    checkpoints are kept. `stopped_kl`: the rollout KL that ended the run here (`ppo.stop_kl`)."""
     path = Path(ckpt_dir) / f"step_{update:05d}"
     with atomic_dir(path) as tmp:
         write_checkpoint_files(tmp, trainable_state(model), optimizer.state_dict(), scheduler, kl_ctl, update,
-                               fingerprint, rng_states)
+                               fingerprint, rng_states, stopped_kl=stopped_kl)
     prune(ckpt_dir, keep)
     return path
 
 
 def write_checkpoint_files(folder: Path, weights, optimizer_state, scheduler, kl_ctl, update: int, fingerprint: str,
-                           rng_states: list[dict[str, Any]], engine_name: str = "single") -> None:
+                           rng_states: list[dict[str, Any]], engine_name: str = "single",
+                           stopped_kl: float | None = None) -> None:
     save_file(weights, str(folder / "trainable.safetensors"))
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states},
                folder / "state.pt")
     atomic_write_json(folder / "trainer_state.json", {
         "update": update, "kl_ctl": kl_ctl.state_dict(), "processes": len(rng_states), "engine": engine_name,
-        "fingerprint": fingerprint})
+        "fingerprint": fingerprint, "stopped_kl": stopped_kl})
 
 
 def prune(ckpt_dir: Path, keep: int | None) -> None:
@@ -66,7 +67,7 @@ def prune(ckpt_dir: Path, keep: int | None) -> None:
 
 
 def save_run_checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler, kl_ctl, update: int,
-                        fingerprint: str, keep: int | None = None) -> Path:
+                        fingerprint: str, keep: int | None = None, stopped_kl: float | None = None) -> Path:
     """The PPO stage's checkpoint after `update` updates; every process calls it. The main process writes it
     (`save_checkpoint`), or, under an engine that splits the trained state, every process writes its part
     through the engine into the same temporary folder, which the main process completes and renames."""
@@ -74,7 +75,8 @@ def save_run_checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler
     rng_states = gather_rng_states(accelerator)
     if not engine_checkpoints(accelerator):
         if accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, kl_ctl, update, fingerprint, rng_states, keep)
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, kl_ctl, update, fingerprint, rng_states, keep,
+                            stopped_kl)
         accelerator.wait_for_everyone()
         return path
     tmp = path.with_name(f".{path.name}.tmp")  # the same name in every process
@@ -89,7 +91,7 @@ def save_run_checkpoint(accelerator, ckpt_dir: Path, model, optimizer, scheduler
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_checkpoint_files(tmp, weights, None, scheduler, kl_ctl, update, fingerprint, rng_states,
-                               engine(accelerator))
+                               engine(accelerator), stopped_kl)
         fsync_tree(tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
@@ -175,12 +177,27 @@ def resume(out: Path, fingerprint: str, accelerator, model, optimizer, scheduler
         return 0
     start = load_checkpoint(ckpt, model, optimizer, scheduler, kl_ctl, process_index, accelerator.num_processes,
                             accelerator)
-    if process_index == 0:  # drop metrics and samples logged after the checkpoint
+    if process_index == 0:  # drop metrics and samples logged after the checkpoint (or after its stopping rollout)
         print(f"resuming PPO from {ckpt} (update {start}/{total})", file=sys.stderr)
+        last = start + 1 if stopped_at(ckpt.parent, start) is not None else start
         for logged in LOGS:
-            rows = [r for r in read_jsonl(out / logged) if r["step"] <= start] if (out / logged).exists() else []
+            rows = [r for r in read_jsonl(out / logged) if r["step"] <= last] if (out / logged).exists() else []
             (out / logged).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return start
+
+
+def stopped_at(ckpt_dir: Path, update: int) -> float | None:
+    """The rollout KL that ended training after `update` updates (`ppo.stop_kl`), read from that checkpoint;
+    None when the run did not stop there."""
+    state = Path(ckpt_dir) / f"step_{update:05d}" / "trainer_state.json"
+    return json.loads(state.read_text()).get("stopped_kl") if state.is_file() else None
+
+
+def trained_updates(ppo_dir: Path, num_updates: int) -> int:
+    """The updates that trained a finished PPO stage's final policy: its newest checkpoint's, which is written
+    last (fewer than `num_updates` where `ppo.stop_kl` ended the run early)."""
+    steps = [int(path.name.split("_")[1]) for path in (Path(ppo_dir) / "checkpoints").glob("step_*")]
+    return max(steps, default=num_updates)
 
 
 def save_final_policy(accelerator, cfg, model: PolicyAndValue, tokenizer, out: Path, dtype) -> None:

@@ -212,6 +212,10 @@ class PPOConfig:
     """Target sequence KL for the adaptive controller."""
     kl_horizon: int = 10000
     """Horizon of the adaptive controller, in episodes."""
+    stop_kl: float | None = None
+    """End training early at the first rollout whose KL to the reference (mean over its answers, in nats)
+    reaches this: the policy that sampled it is the final one, and its updates are the stage's last (null:
+    all `num_updates`). PPO then spends about this much KL whatever its random stream's pace."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -507,7 +511,7 @@ RANGES = {
     "ppo.temperature": "> 0", "ppo.missing_eos_penalty": ">= 0", "ppo.kl_coef": ">= 0", "ppo.target_kl": "> 0",
     "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.cliprange": "(0, 1)",
     "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.kl_loss_coef": ">= 0", "ppo.score_clip": "> 0",
-    "ppo.critic_warmup_updates": ">= 0", "ppo.samples_per_prompt": "> 0",
+    "ppo.critic_warmup_updates": ">= 0", "ppo.samples_per_prompt": "> 0", "ppo.stop_kl": "> 0",
     "ppo.lora_r": "> 0", "ppo.lora_alpha": "> 0", "ppo.save_every": "> 0", "ppo.keep_checkpoints": "> 0",
     "ppo.sample_every": "> 0",
     "eval.num_prompts": ">= 0", "eval.max_new_tokens": "> 0", "eval.temperature": "> 0", "eval.batch_size": "> 0",

@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from rlhf.checkpoints import checkpoint_loads, policy_from_checkpoint
+from rlhf.checkpoints import checkpoint_loads, policy_from_checkpoint, trained_updates
 from rlhf.config import PipelineConfig, config_yaml
 from rlhf.eval_math import (METRICS, best_of_n_frontier, best_of_n_kl, best_of_n_log_n_at_kl,  # noqa: F401
                              best_of_n_picks, best_of_n_point, bon_gold_at_kl, bon_metrics, distinct_n, win_rate)
@@ -197,10 +197,10 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     device = stage_device(cfg)
     prompts = eval_prompts(cfg)
 
-    policies = {}
+    policies, final_step = {}, trained_updates(ppo_dir, cfg.ppo.num_updates)
     if cfg.eval.checkpoints:
         for ckpt in sorted((ppo_dir / "checkpoints").glob("step_*")):
-            if int(ckpt.name.split("_")[1]) == cfg.ppo.num_updates:
+            if int(ckpt.name.split("_")[1]) == final_step:
                 continue  # the same weights as the final policy
             if not checkpoint_loads(ckpt):
                 warn(f"checkpoint {ckpt} is damaged (its files do not load): not evaluated")
@@ -216,7 +216,7 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     write_jsonl(out / "generations.jsonl", rows)
     atomic_write_json(out / "metrics.json", metrics)
     curve = [{"checkpoint": name, "step": int(name.split("_")[1]), **m} for name, (m, _) in results.items()]
-    curve.append({"checkpoint": "final", "step": cfg.ppo.num_updates, **metrics})
+    curve.append({"checkpoint": "final", "step": final_step, **metrics})
     if results:  # the curve over checkpoints, then the final policy
         write_jsonl(out / "checkpoints.jsonl", curve)
     if frontier:  # best-of-n, then PPO's path: its checkpoints and the final policy

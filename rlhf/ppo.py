@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import ppo_core
-from rlhf.checkpoints import resume, save_final_policy, save_run_checkpoint
+from rlhf.checkpoints import resume, save_final_policy, save_run_checkpoint, stopped_at
 from rlhf.config import PipelineConfig, PPOConfig, PPOSizes, ppo_sizes
 from rlhf.distributed import (broadcast_trained_weights, configure_deepspeed, describe, full_weights,
                               gather_over_processes, global_mean, local_tensor, shards_weights, single_process_warning,
@@ -60,11 +60,12 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     kl_ctl = kl_controller(pc)
     fingerprint = stage_identity(cfg, run_dir, "ppo")
     start = resume(out, fingerprint, accelerator, trained, optimizer, scheduler, kl_ctl, pc.num_updates)
+    end = start if stopped_at(out / "checkpoints", start) is not None else pc.num_updates  # ended by ppo.stop_kl
     tracker = Tracker(cfg, "ppo", out, enabled=accelerator.is_main_process)
     schedule = PromptSchedule(len(enc.prompts), pc.batch_size // pc.samples_per_prompt, ppo_seed(cfg),
                               pc.samples_per_prompt)
 
-    for update in tqdm(range(start, pc.num_updates), desc="PPO", initial=start, total=pc.num_updates,
+    for update in tqdm(range(start, end), desc="PPO", initial=start, total=pc.num_updates,
                        disable=not accelerator.is_main_process):
         t0, where = time.perf_counter(), f"ppo update {update + 1}"
         if models.sampler is not None:  # generation samples from the weights being trained
@@ -77,6 +78,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                                             [enc.input_ids[i] for i in local], models.tokenizer, score_fn, gold_fn,
                                             sampler=models.sampler, **rollout_options)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, reduce=sum_over_processes(accelerator))
+        if stop_early(rollout, update, pc, kl_ctl, accelerator, tracker):  # ppo.stop_kl: this policy is the final one
+            save_run_checkpoint(accelerator, out / "checkpoints", trained, optimizer, scheduler, kl_ctl, update,
+                                fingerprint, keep=pc.keep_checkpoints, stopped_kl=pc.stop_kl)
+            break
         # 4. PPO update (value only during the critic's warm-up)
         t_train = time.perf_counter()
         with fault_context(where):
@@ -342,6 +347,22 @@ def rollout_metrics(rollout: Rollout, kl_coef: float, accelerator) -> dict[str, 
     if rollout.gold is not None:
         m["objective/gold"] = rollout.gold.float().mean()
     return {k: global_mean(v, accelerator) for k, v in m.items()}
+
+
+def stop_early(rollout: Rollout, update: int, pc: PPOConfig, kl_ctl, accelerator, tracker: Tracker) -> bool:
+    """Whether this rollout's KL to the reference has reached `ppo.stop_kl`, once the policy has trained: then
+    the policy that sampled it, trained for `update` updates, is the final one. Its row in `metrics.jsonl`
+    (step `update + 1`) holds the rollout's figures and `stopped: 1`, and no training."""
+    if pc.stop_kl is None or update <= pc.critic_warmup_updates:
+        return False
+    seen = rollout_metrics(rollout, kl_ctl.value, accelerator)
+    if seen["objective/kl"] < pc.stop_kl:
+        return False
+    tracker.log({**seen, "stopped": 1, "episodes": (update + 1) * pc.batch_size}, step=update + 1)
+    if accelerator.is_main_process:
+        print(f"PPO stops after {update} updates: the rollout's KL to the reference, {seen['objective/kl']:.2f} "
+              f"nats, reached ppo.stop_kl={pc.stop_kl}", file=sys.stderr)
+    return True
 
 
 def update_metrics(rollout: Rollout, stats: dict[str, float], timings: dict[str, float], kl_coef: float, lr: float,

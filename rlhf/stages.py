@@ -53,7 +53,7 @@ NO_EFFECT = ("run.name", "run.output_dir", "run.device", "run.threads", "ppo.sam
              "ppo.keep_checkpoints", "tracking")
 # Settings added after runs were made, each with the value that computes what those runs computed: a finished
 # stage whose record lacks one of them, now at that value, is still done (its fingerprint differs, its work not).
-ADDED_SETTINGS = {"ppo.kl_loss_coef": 0.0, "ppo.samples_per_prompt": 1}
+ADDED_SETTINGS = {"ppo.kl_loss_coef": 0.0, "ppo.samples_per_prompt": 1, "ppo.stop_kl": None}
 # Fields that name files, folders, modules or hub repositories, whose contents enter the fingerprint.
 SOURCE_FIELDS = {"model.policy": "model", "reward.backbone": "model", "data.train_prompts": "data",
                  "data.test_prompts": "data", "eval.prompts": "data", "prefs.dataset": "data",
@@ -283,12 +283,13 @@ def why_not_done(cfg: PipelineConfig, run_dir: Path, stage: str, records: dict |
 
 
 def changed_settings(marker: dict, record: dict) -> str:
-    """What differs between a finished stage's record and the current one, in words (up to three items)."""
+    """What differs between a finished stage's record and the current one, in words (up to three items); a
+    setting added since the stage ran counts only away from the value that computes what it computed."""
     old_inputs, old_sources = marker.get("inputs", {}), marker.get("sources", {})
     changed = [f"{k}: {old_inputs.get(k)!r} -> {v!r}" for k, v in record["inputs"].items()
                if k in old_inputs and old_inputs[k] != v]
     changed += [f"{k}: a setting the earlier run did not have, now {v!r}" for k, v in record["inputs"].items()
-                if old_inputs and k not in old_inputs]
+                if old_inputs and k not in old_inputs and (k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k])]
     changed += [f"contents of {k} ({record['inputs'][k]})" for k, v in record["sources"].items()
                 if old_sources.get(k) != v and k in old_sources]
     return f" ({'; '.join(changed[:3])})" if changed else " (in this or an earlier stage)"

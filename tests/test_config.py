@@ -373,7 +373,7 @@ def test_in_range(value, spec, inside):
 @pytest.mark.parametrize("override", [
     "ppo.max_grad_norm=-1", "ppo.max_grad_norm=0", "ppo.cliprange=0", "ppo.cliprange=1.5", "ppo.cliprange_value=0",
     "ppo.vf_coef=-0.1", "ppo.target_kl=0", "ppo.kl_horizon=0", "eval.bootstrap_samples=0", "ppo.learning_rate=0",
-    "ppo.learning_rate=-3e-5", "reward.learning_rate=-1", "ppo.warmup_steps=-1", "ppo.score_clip=0",
+    "ppo.stop_kl=0", "ppo.learning_rate=-3e-5", "reward.learning_rate=-1", "ppo.warmup_steps=-1", "ppo.score_clip=0",
     "ppo.missing_eos_penalty=-1", "ppo.lora_alpha=0", "reward.num_layers=-1", "reward.normalize_samples=0",
     "reward.center_rewards_coefficient=-0.1", "run.seed=-1", "run.threads=-2", "data.max_train_prompts=-5",
     "eval.num_prompts=-1", "prefs.min_gold_gap=-0.5", "prefs.max_pairs=-1", "prefs.noise.bt_temperature=-0.001",

@@ -314,6 +314,48 @@ def test_resume_reaches_the_same_result(upstream, tmp_path, monkeypatch, killed_
         torch.testing.assert_close(state_b[k], state_a[k], atol=1e-6, rtol=0)
 
 
+def test_stop_kl_ends_training_at_the_first_rollout_that_reaches_it(upstream, tmp_path, monkeypatch):
+    """`ppo.stop_kl`: the first rollout, once the policy has trained, whose KL to the reference reaches it ends
+    the stage. Its policy is the final one, trained as far as an unstopped run's at that step; the checkpoint
+    says so, the row holds the rollout and no training, and a run killed after the stop resumes to the end
+    without training on."""
+    overrides = [JUDGE, "ppo.num_updates=6", "ppo.save_every=1", "ppo.keep_checkpoints=10"]
+    _, dir_a = ppo_run(upstream, tmp_path / "a", *overrides)
+    kl = [r["objective/kl"] for r in metrics(dir_a)]  # kl[u]: the rollout of the policy trained u times
+    # the first policy after the second update whose KL is above every earlier trained one's
+    stop = next(u for u in range(2, 6) if kl[u] > max(0.0, *kl[1:u]))
+    threshold = max((kl[stop] + max(kl[1:stop])) / 2, kl[stop] / 2)
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed()
+
+    dir_b = copy_upstream(upstream, tmp_path / "b")
+    cfg_b = tiny_cfg(dir_b, *overrides, f"ppo.stop_kl={threshold}")
+    monkeypatch.setattr(ppo, "save_final_policy", killed)  # killed after the stop's checkpoint
+    with pytest.raises(Killed):
+        run_pipeline(cfg_b, only="ppo")
+    monkeypatch.undo()
+    trained, real_update = [], ppo.ppo_update
+    monkeypatch.setattr(ppo, "ppo_update", lambda *a, **k: trained.append(1) or real_update(*a, **k))
+    run_pipeline(cfg_b, only="ppo")
+    assert trained == [] and is_done(cfg_b, dir_b, "ppo")
+
+    rows = metrics(dir_b)
+    assert [r["step"] for r in rows] == list(range(1, stop + 2))
+    assert [r["objective/kl"] for r in rows] == pytest.approx(kl[:stop + 1], abs=1e-6)
+    assert rows[-1]["stopped"] == 1 and "loss/policy_avg" not in rows[-1] and "loss/policy_avg" in rows[-2]
+    ckpts = dir_b / "ppo" / "checkpoints"
+    assert checkpoints.trained_updates(dir_b / "ppo", 6) == stop
+    assert checkpoints.stopped_at(ckpts, stop) == threshold and checkpoints.stopped_at(ckpts, stop - 1) is None
+    state_a, state_b = checkpoint_state(dir_a, stop), checkpoint_state(dir_b, stop)
+    for k in state_a:
+        torch.testing.assert_close(state_b[k], state_a[k], atol=1e-6, rtol=0)
+    assert checkpoints.trained_updates(tmp_path / "no-such-stage", 6) == 6
+
+
 def test_changed_config_restarts_instead_of_resuming(learned, tmp_path, monkeypatch):
     """A checkpoint of another PPO config is ignored: the stage starts over and drops the old logs."""
     _, src = learned

@@ -42,7 +42,7 @@ def test_a_trial_reuses_prefs_and_reward_and_is_read_against_the_base_frontier(t
     assert row["name"] == "kl0.3" and row["overrides"] == ["ppo.kl_coef=0.3", "ppo.num_updates=2"]
     assert (row["gold"], row["kl"], row["win_rate_gold"]) == \
         (metrics["policy_gold"], metrics["kl"], metrics["win_rate_gold"])
-    assert len((trial / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((trial / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2 and row["updates"] == 2
 
     table = study(str(base), "--table")
     assert table.returncode == 0, table.stderr[-3000:]

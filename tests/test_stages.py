@@ -130,8 +130,9 @@ def test_a_setting_added_since_a_run_at_the_value_it_computed_keeps_the_run(tmp_
     cfg = load_config(TINY, [f"run.output_dir={tmp_path}"])
     finished_markers(cfg, tmp_path)
     assert all(stages.is_done(cfg, tmp_path, s) for s in stages.STAGES)
-    marker = stages.read_marker(tmp_path, "ppo")  # as a run from before `ppo.samples_per_prompt` existed left it
-    del marker["inputs"]["ppo.samples_per_prompt"]
+    marker = stages.read_marker(tmp_path, "ppo")  # as a run from before the added settings existed left it
+    for key in stages.ADDED_SETTINGS:
+        del marker["inputs"][key]
     stages.write_marker(tmp_path / "ppo", {**marker, "fingerprint": "an earlier version's"})
     assert set(stages.ADDED_SETTINGS) <= set(stages.stage_records(cfg, tmp_path)["ppo"]["inputs"])
     assert stages.is_done(cfg, tmp_path, "ppo") and stages.is_done(cfg, tmp_path, "eval")
