@@ -571,6 +571,24 @@ def test_two_cpu_processes(upstream, tmp_path, value):
         assert len(set(queries[:4])) == 1 and len(set(queries[4:8])) == 1 and queries[0] != queries[4]
 
 
+def test_two_cpu_processes_stop_together(upstream, tmp_path):
+    """`ppo.stop_kl` on two processes: both read the KL reduced over them, stop at the same update and save the
+    stop's checkpoint together (one waiting for the other would hang the run)."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = copy_upstream(upstream, tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rlhf.cli", "ppo",
+           "configs/tiny.yaml", f"run.output_dir={run_dir}", *BASE, JUDGE, "ppo.num_updates=6", "ppo.stop_kl=1e-9"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = metrics(run_dir)
+    assert [r.get("stopped") for r in rows] == [None] * (len(rows) - 1) + [1] and len(rows) < 6
+    assert rows[-1]["objective/kl"] >= 1e-9 and "PPO stops after" in proc.stderr
+    assert checkpoints.trained_updates(run_dir / "ppo", 6) == len(rows) - 1
+
+
 def test_clip_gradients_scales_only_above_the_limit():
     from rlhf.ppo import clip_gradients
 
