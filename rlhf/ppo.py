@@ -78,9 +78,9 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                                             [enc.input_ids[i] for i in local], models.tokenizer, score_fn, gold_fn,
                                             sampler=models.sampler, **rollout_options)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, reduce=sum_over_processes(accelerator))
-        if stop_early(rollout, update, pc, kl_ctl, accelerator, tracker):  # ppo.stop_kl: this policy is the final one
+        if (kl := stop_early(rollout, update, pc, kl_ctl, accelerator, tracker)) is not None:  # the final policy
             save_run_checkpoint(accelerator, out / "checkpoints", trained, optimizer, scheduler, kl_ctl, update,
-                                fingerprint, keep=pc.keep_checkpoints, stopped_kl=pc.stop_kl)
+                                fingerprint, keep=pc.keep_checkpoints, stopped_kl=kl)
             break
         # 4. PPO update (value only during the critic's warm-up)
         t_train = time.perf_counter()
@@ -349,20 +349,20 @@ def rollout_metrics(rollout: Rollout, kl_coef: float, accelerator) -> dict[str, 
     return {k: global_mean(v, accelerator) for k, v in m.items()}
 
 
-def stop_early(rollout: Rollout, update: int, pc: PPOConfig, kl_ctl, accelerator, tracker: Tracker) -> bool:
-    """Whether this rollout's KL to the reference has reached `ppo.stop_kl`, once the policy has trained: then
-    the policy that sampled it, trained for `update` updates, is the final one. Its row in `metrics.jsonl`
-    (step `update + 1`) holds the rollout's figures and `stopped: 1`, and no training."""
+def stop_early(rollout: Rollout, update: int, pc: PPOConfig, kl_ctl, accelerator, tracker: Tracker) -> float | None:
+    """This rollout's KL to the reference where it has reached `ppo.stop_kl`, once the policy has trained (None
+    otherwise): then the policy that sampled it, trained for `update` updates, is the final one. Its row in
+    `metrics.jsonl` (step `update + 1`) holds the rollout's figures and `stopped: 1`, and no training."""
     if pc.stop_kl is None or update <= pc.critic_warmup_updates:
-        return False
+        return None
     seen = rollout_metrics(rollout, kl_ctl.value, accelerator)
     if seen["objective/kl"] < pc.stop_kl:
-        return False
+        return None
     tracker.log({**seen, "stopped": 1, "episodes": (update + 1) * pc.batch_size}, step=update + 1)
     if accelerator.is_main_process:
         print(f"PPO stops after {update} updates: the rollout's KL to the reference, {seen['objective/kl']:.2f} "
               f"nats, reached ppo.stop_kl={pc.stop_kl}", file=sys.stderr)
-    return True
+    return seen["objective/kl"]
 
 
 def update_metrics(rollout: Rollout, stats: dict[str, float], timings: dict[str, float], kl_coef: float, lr: float,
