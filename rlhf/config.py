@@ -216,6 +216,9 @@ class PPOConfig:
     """End training early at the first rollout whose KL to the reference (mean over its answers, in nats)
     reaches this: the policy that sampled it is the final one, and its updates are the stage's last (null:
     all `num_updates`). PPO then spends about this much KL whatever its random stream's pace."""
+    stop_kl_brake: bool = False
+    """With `stop_kl`: each update's learning rate is the schedule's times 1 - KL / `stop_kl`, from the KL of
+    that update's rollout, so PPO slows down as it nears the stop instead of overshooting it."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -573,6 +576,8 @@ def validate(cfg: PipelineConfig) -> None:
             f"ppo.critic_warmup_updates={cfg.ppo.critic_warmup_updates} leaves no policy updates "
             f"(ppo.num_updates={cfg.ppo.num_updates})"
         )
+    if cfg.ppo.stop_kl_brake and cfg.ppo.stop_kl is None:
+        raise ConfigError("ppo.stop_kl_brake slows PPO down as its KL nears ppo.stop_kl: set ppo.stop_kl too")
     if cfg.ppo.value_model == "none":
         if cfg.ppo.samples_per_prompt < 2:
             raise ConfigError("ppo.value_model=none takes its baseline from the other answers to the same prompt: "

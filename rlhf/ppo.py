@@ -78,19 +78,23 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                                             [enc.input_ids[i] for i in local], models.tokenizer, score_fn, gold_fn,
                                             sampler=models.sampler, **rollout_options)
         rollout = compute_advantages(rollout, kl_ctl.value, pc, reduce=sum_over_processes(accelerator))
-        if (kl := stop_early(rollout, update, pc, kl_ctl, accelerator, tracker)) is not None:  # the final policy
+        # ppo.stop_kl: a rollout that has reached it ends training, its policy the final one
+        kl = global_mean(rollout.kl.sum(1).mean(), accelerator) if pc.stop_kl is not None else None
+        if kl is not None and kl >= pc.stop_kl and update > pc.critic_warmup_updates:
+            log_stop(rollout, kl, update, pc, kl_ctl, accelerator, tracker)
             save_run_checkpoint(accelerator, out / "checkpoints", trained, optimizer, scheduler, kl_ctl, update,
                                 fingerprint, keep=pc.keep_checkpoints, stopped_kl=kl)
             break
+        lr_scale = max(0.0, 1.0 - kl / pc.stop_kl) if pc.stop_kl_brake else 1.0
         # 4. PPO update (value only during the critic's warm-up)
         t_train = time.perf_counter()
         with fault_context(where):
             stats = ppo_update(model, optimizer, scheduler, rollout, pc, sizes, accelerator,
-                               train_policy=update >= pc.critic_warmup_updates, first_forward=kept)
+                               train_policy=update >= pc.critic_warmup_updates, first_forward=kept, lr_scale=lr_scale)
         # 5. log, adapt β, checkpoint
         timings = {**rollout.timings, "train": time.perf_counter() - t_train, "update": t0}
-        metrics = update_metrics(rollout, stats, timings, kl_ctl.value, scheduler.get_last_lr()[0], update, pc,
-                                 accelerator)
+        metrics = update_metrics(rollout, stats, timings, kl_ctl.value, scheduler.get_last_lr()[0] * lr_scale, update,
+                                 pc, accelerator)
         kl_ctl.update(metrics["objective/kl"], pc.batch_size)
         tracker.log(metrics, step=update + 1)
         if (update + 1) % pc.sample_every == 0 or update == 0:
@@ -210,6 +214,13 @@ def compute_advantages(rollout: Rollout, kl_coef: float, cfg, reduce=None) -> Ro
     return rollout
 
 
+def scale_lr(optimizer, scheduler, scale: float) -> None:
+    """Set each parameter group's learning rate to the schedule's times `scale` (1: the schedule's own)."""
+    if scale != 1.0:
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr * scale
+
+
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all tensors together. float32 CPU tensors go through BLAS `dot`, which reads them on
     every core; `vector_norm` reduces on one core on the CPU (~2x slower over a SmolLM2 policy and critic)."""
@@ -243,13 +254,15 @@ def diverged_hint(pc) -> str:
 
 
 def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accelerator, train_policy: bool = True,
-               first_forward: KeptForward | None = None) -> dict[str, float]:
+               first_forward: KeptForward | None = None, lr_scale: float = 1.0) -> dict[str, float]:
     """PPO epochs × mini-batches × gradient accumulation over one rollout (detail 7), then a check of the
     weights (nothing is saved from diverged ones); the model is left in eval mode, as it samples.
 
     `first_forward`: the rollout's forward over the whole batch at the current weights (`collect_rollout(
-    keep_forward=True)`); the first epoch's single micro-batch starts from it instead of computing it again."""
+    keep_forward=True)`); the first epoch's single micro-batch starts from it instead of computing it again.
+    `lr_scale`: a factor on the schedule's learning rate for this update (`ppo.stop_kl_brake`)."""
     model.train()
+    scale_lr(optimizer, scheduler, lr_scale)
     stats: dict[str, list[float]] = {}
     B = rollout.queries.shape[0]
     if first_forward is not None and sizes.micro_batch_size < B:
@@ -298,6 +311,7 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                     optimizer.step()
                     if accelerator.sync_gradients:  # one LR step per optimiser step, whatever the processes
                         scheduler.step()
+                        scale_lr(optimizer, scheduler, lr_scale)
                     optimizer.zero_grad()
                 with torch.no_grad():
                     entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits.detach(), cfg.temperature), mask)
@@ -349,20 +363,14 @@ def rollout_metrics(rollout: Rollout, kl_coef: float, accelerator) -> dict[str, 
     return {k: global_mean(v, accelerator) for k, v in m.items()}
 
 
-def stop_early(rollout: Rollout, update: int, pc: PPOConfig, kl_ctl, accelerator, tracker: Tracker) -> float | None:
-    """This rollout's KL to the reference where it has reached `ppo.stop_kl`, once the policy has trained (None
-    otherwise): then the policy that sampled it, trained for `update` updates, is the final one. Its row in
-    `metrics.jsonl` (step `update + 1`) holds the rollout's figures and `stopped: 1`, and no training."""
-    if pc.stop_kl is None or update <= pc.critic_warmup_updates:
-        return None
-    seen = rollout_metrics(rollout, kl_ctl.value, accelerator)
-    if seen["objective/kl"] < pc.stop_kl:
-        return None
-    tracker.log({**seen, "stopped": 1, "episodes": (update + 1) * pc.batch_size}, step=update + 1)
+def log_stop(rollout: Rollout, kl: float, update: int, pc: PPOConfig, kl_ctl, accelerator, tracker: Tracker) -> None:
+    """The row of a rollout whose KL has reached `ppo.stop_kl` (step `update + 1`): its figures, `stopped: 1`
+    and no training; the policy that sampled it, trained for `update` updates, is the final one."""
+    tracker.log({**rollout_metrics(rollout, kl_ctl.value, accelerator), "stopped": 1,
+                 "episodes": (update + 1) * pc.batch_size}, step=update + 1)
     if accelerator.is_main_process:
-        print(f"PPO stops after {update} updates: the rollout's KL to the reference, {seen['objective/kl']:.2f} "
-              f"nats, reached ppo.stop_kl={pc.stop_kl}", file=sys.stderr)
-    return seen["objective/kl"]
+        print(f"PPO stops after {update} updates: the rollout's KL to the reference, {kl:.2f} nats, reached "
+              f"ppo.stop_kl={pc.stop_kl}", file=sys.stderr)
 
 
 def update_metrics(rollout: Rollout, stats: dict[str, float], timings: dict[str, float], kl_coef: float, lr: float,

@@ -406,6 +406,7 @@ def test_range_table_accepts_the_edges(override):
     (["ppo.value_model=none", "ppo.samples_per_prompt=4", "ppo.critic_warmup_updates=2"],
      "ppo.critic_warmup_updates=2 warms up a value function that ppo.value_model=none does not have"),
     (["ppo.samples_per_prompt=3"], "ppo.batch_size=32 must be a multiple of ppo.samples_per_prompt=3"),
+    (["ppo.stop_kl_brake=true"], "set ppo.stop_kl too"),
 ])
 def test_cross_field_and_empty_values(override, words):
     with pytest.raises(ConfigError) as e:

@@ -357,6 +357,37 @@ def test_stop_kl_ends_training_at_the_first_rollout_that_reaches_it(upstream, tm
     assert checkpoints.trained_updates(tmp_path / "no-such-stage", 6) == 6
 
 
+def test_stop_kl_brake_scales_each_updates_learning_rate_by_its_kl(upstream, tmp_path):
+    """`ppo.stop_kl_brake`: each update's learning rate is the schedule's times 1 - KL / stop_kl, from that
+    update's rollout."""
+    overrides = [JUDGE, "ppo.num_updates=4"]
+    _, dir_a = ppo_run(upstream, tmp_path / "a", *overrides)
+    stop_kl = 2 * max(r["objective/kl"] for r in metrics(dir_a)) + 1.0
+    _, dir_b = ppo_run(upstream, tmp_path / "b", *overrides, f"ppo.stop_kl={stop_kl}", "ppo.stop_kl_brake=true")
+    rows_a, rows_b = metrics(dir_a), metrics(dir_b)
+    assert len(rows_b) == 4 and not any(r.get("stopped") for r in rows_b)
+    for ra, rb in zip(rows_a, rows_b):
+        assert rb["lr"] == pytest.approx(ra["lr"] * (1 - rb["objective/kl"] / stop_kl), rel=1e-6)
+    assert rows_b[1]["objective/kl"] != rows_a[1]["objective/kl"]  # the first update trained at another rate
+
+
+def test_scale_lr_sets_the_schedules_rate_times_the_factor():
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)
+    ppo.scale_lr(optimizer, scheduler, 0.25)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25e-3)
+    optimizer.step()
+    scheduler.step()  # the schedule's next rate, not compounded with the factor
+    ppo.scale_lr(optimizer, scheduler, 0.25)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * 0.9e-3)
+    ppo.scale_lr(optimizer, scheduler, 0.0)
+    before = [p.detach().clone() for p in layer.parameters()]
+    layer(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before))  # a rate of 0 leaves the weights
+
+
 def test_changed_config_restarts_instead_of_resuming(learned, tmp_path, monkeypatch):
     """A checkpoint of another PPO config is ignored: the stage starts over and drops the old logs."""
     _, src = learned
