@@ -172,3 +172,32 @@ def test_eval_checkpoints_gives_a_curve(tiny_run_dir, tiny_cfg, tmp_path):
     assert [r for r in frontier if r["method"] == "ppo"] == [
         {"method": "ppo", "step": r["step"], "kl": r["kl"], "score": r["policy_score"], "gold": r["policy_gold"]}
         for r in curve]
+
+
+def test_eval_of_a_run_stopped_by_stop_kl(tiny_run_dir, tmp_path):
+    """A PPO stage ended early by `ppo.stop_kl`: eval reads the updates that trained the final policy, not
+    `ppo.num_updates`, in the curve and in PPO's rows of the frontier."""
+    import shutil
+
+    from rlhf.checkpoints import trained_updates
+    from rlhf.config import load_config
+    from rlhf.pipeline import run_pipeline
+    from rlhf.utils import read_jsonl
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    kl = [r["objective/kl"] for r in read_jsonl(run_dir / "ppo" / "metrics.jsonl")]
+    stop_kl = max(kl[1:4]) + 1e-3  # above the first trained policies' KL, and reached later by the run's pace
+    assert max(kl[4:-1]) > stop_kl
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={run_dir}", "run.device=cpu", f"ppo.stop_kl={stop_kl}",
+                                            "ppo.save_every=1", "eval.checkpoints=true"])
+    run_pipeline(cfg, start="ppo")
+    rows = read_jsonl(run_dir / "ppo" / "metrics.jsonl")
+    updates = trained_updates(run_dir / "ppo", cfg.ppo.num_updates)
+    assert rows[-1]["stopped"] == 1 and rows[-1]["step"] == updates + 1 < cfg.ppo.num_updates
+    curve = read_jsonl(run_dir / "eval" / "checkpoints.jsonl")
+    assert curve[-1]["checkpoint"] == "final" and curve[-1]["step"] == updates
+    assert [r["step"] for r in curve] == [updates - 1, updates]  # the final policy's checkpoint is not evaluated twice
+    ppo_rows = [r for r in read_jsonl(run_dir / "eval" / "frontier.jsonl") if r["method"] == "ppo"]
+    assert [r["step"] for r in ppo_rows] == [r["step"] for r in curve]
+
