@@ -217,8 +217,8 @@ class PPOConfig:
     reaches this: the policy that sampled it is the final one, and its updates are the stage's last (null:
     all `num_updates`). PPO then spends about this much KL whatever its random stream's pace."""
     stop_kl_brake: bool = False
-    """With `stop_kl`: each update's learning rate is the schedule's times 1 - KL / `stop_kl`, from the KL of
-    that update's rollout, so PPO slows down as it nears the stop instead of overshooting it."""
+    """With `stop_kl`: each update's learning rate is the schedule's times 1 - KL / `stop_kl` (at most 1), from
+    the KL of that update's rollout, so PPO slows down as it nears the stop instead of overshooting it."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95

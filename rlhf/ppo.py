@@ -85,7 +85,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
             save_run_checkpoint(accelerator, out / "checkpoints", trained, optimizer, scheduler, kl_ctl, update,
                                 fingerprint, keep=pc.keep_checkpoints, stopped_kl=kl)
             break
-        lr_scale = max(0.0, 1.0 - kl / pc.stop_kl) if pc.stop_kl_brake else 1.0
+        lr_scale = min(1.0, max(0.0, 1.0 - kl / pc.stop_kl)) if pc.stop_kl_brake else 1.0  # k1 may read < 0
         # 4. PPO update (value only during the critic's warm-up)
         t_train = time.perf_counter()
         with fault_context(where):
