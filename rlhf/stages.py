@@ -282,6 +282,12 @@ def why_not_done(cfg: PipelineConfig, run_dir: Path, stage: str, records: dict |
     return None
 
 
+def added_at_neutral(key: str, value) -> bool:
+    """Whether `key` is a setting added to the schema since some runs (`ADDED_SETTINGS`), at the value that
+    computes what those runs computed."""
+    return key in ADDED_SETTINGS and value == ADDED_SETTINGS[key]
+
+
 def changed_settings(marker: dict, record: dict) -> str:
     """What differs between a finished stage's record and the current one, in words (up to three items); a
     setting added since the stage ran counts only away from the value that computes what it computed."""
@@ -289,7 +295,7 @@ def changed_settings(marker: dict, record: dict) -> str:
     changed = [f"{k}: {old_inputs.get(k)!r} -> {v!r}" for k, v in record["inputs"].items()
                if k in old_inputs and old_inputs[k] != v]
     changed += [f"{k}: a setting the earlier run did not have, now {v!r}" for k, v in record["inputs"].items()
-                if old_inputs and k not in old_inputs and (k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k])]
+                if old_inputs and k not in old_inputs and not added_at_neutral(k, v)]
     changed += [f"contents of {k} ({record['inputs'][k]})" for k, v in record["sources"].items()
                 if old_sources.get(k) != v and k in old_sources]
     return f" ({'; '.join(changed[:3])})" if changed else " (in this or an earlier stage)"
@@ -301,8 +307,7 @@ def same_work(marker: dict, record: dict) -> bool:
     old = marker.get("inputs")
     if not isinstance(old, dict) or marker.get("sources") != record["sources"]:
         return False
-    current = {k: v for k, v in record["inputs"].items()
-               if k in old or k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+    current = {k: v for k, v in record["inputs"].items() if k in old or not added_at_neutral(k, v)}
     return json.loads(json.dumps(current)) == old  # as the marker stores them (lists, not tuples)
 
 
