@@ -57,6 +57,8 @@ def base_frontier(base: Path, trials: list[str] = ()) -> list[dict]:
 
 
 def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
+    from rlhf.checkpoints import trained_updates  # torch: only once a trial has run
+
     metrics = read_json(trial / "eval" / "metrics.json")
     ppo_log = [json.loads(line) for line in (trial / "ppo" / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -65,7 +67,7 @@ def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
         "score": metrics["policy_score"], "win_rate_gold": metrics["win_rate_gold"],
         "policy_length": metrics["policy_length"], "distinct_2": metrics["policy_distinct_2"],
         "rollout_gold_last": ppo_log[-1].get("objective/gold"), "rollout_kl_last": ppo_log[-1].get("objective/kl"),
-        "updates": sum(1 for row in ppo_log if not row.get("stopped")),  # `ppo.stop_kl` may end PPO early
+        "updates": trained_updates(trial / "ppo", len(ppo_log)),  # `ppo.stop_kl` may end PPO early
         "seconds": {stage: read_json(trial / stage / "_done.json")["seconds"] for stage in ("reward", "ppo", "eval")},
     }
 
