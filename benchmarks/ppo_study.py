@@ -12,7 +12,8 @@ the reward model, and the stage time says so. Unless the overrides set `eval.bes
 skips the best-of-n samples (`eval.best_of_n=[]`): they do not depend on the policy, so the base run's
 frontier is the one every trial is read against (same reward model, reference, prompts and seed).
 
-Each trial appends one row to `<base>-study/results.jsonl`: held-out gold, KL, RM score, gold win rate,
+Each trial appends one row to `<base>-study/results.jsonl`: held-out gold, KL (exact per position, and the
+sampled k1 estimate), RM score, gold win rate,
 length, distinct-2, the last rollout's gold and KL, the updates trained (fewer than `ppo.num_updates` where
 `ppo.stop_kl` ended PPO early) and the stage seconds. `--table` prints the base run and every trial as a
 Markdown table, with the best-of-n gold at each one's KL and the largest n's gold, both from the base run's
@@ -64,7 +65,7 @@ def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
     return {
         "name": name, "overrides": overrides,
         "gold": metrics["policy_gold"], "ref_gold": metrics["ref_gold"], "kl": metrics["kl"],
-        "score": metrics["policy_score"], "win_rate_gold": metrics["win_rate_gold"],
+        "kl_sampled": metrics.get("kl_sampled"), "score": metrics["policy_score"], "win_rate_gold": metrics["win_rate_gold"],
         "policy_length": metrics["policy_length"], "distinct_2": metrics["policy_distinct_2"],
         "rollout_gold_last": ppo_log[-1].get("objective/gold"), "rollout_kl_last": ppo_log[-1].get("objective/kl"),
         "updates": trained_updates(trial / "ppo", len(ppo_log)),  # `ppo.stop_kl` may end PPO early
@@ -146,7 +147,7 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
     kls, masks, tokens, split = [], [], [], torch.zeros(4, dtype=torch.float64)
     answers = policy_answers(policy, reference, tokenizer, enc.input_ids, cfg, device, "policy")
-    for start, (responses, lp, ref_lp) in zip(range(0, len(enc.input_ids), cfg.eval.batch_size), answers):
+    for start, (responses, lp, ref_lp, _) in zip(range(0, len(enc.input_ids), cfg.eval.batch_size), answers):
         kls.append(lp - ref_lp)
         masks.append(responses.mask)
         tokens.append(responses.ids)

@@ -16,7 +16,10 @@ METRICS = {
     "policy_gold": "mean gold-judge score of the policy's responses",
     "ref_gold": "the same for the reference",
     "gold_gain": "policy_gold - ref_gold",
-    "kl": "mean sequence KL(policy || reference) on the policy's responses, in nats (k1 estimate)",
+    "kl": "mean sequence KL(policy || reference) on the policy's responses, in nats: at each response position the "
+          "KL over the whole vocabulary, summed over the answer (unbiased, and less noisy than kl_sampled)",
+    "kl_se": "standard error of kl over the prompts",
+    "kl_sampled": "the same KL estimated from the sampled tokens alone: mean sum of log π - log π_ref (k1)",
     "win_rate_gold": "share of prompts where the policy's gold score beats the reference's (ties count 1/2)",
     "win_rate_gold_ci": "bootstrap 95% interval of win_rate_gold",
     "win_rate_rm": "the same by reward-model score",
@@ -37,6 +40,15 @@ METRICS = {
 def distinct_n(texts: list[str], n: int) -> float:
     grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def standard_error(xs: list[float]) -> float:
+    """Standard error of the mean of xs (0 for fewer than two)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mean = sum(xs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
 
 
 def win_rate(a: list[float], b: list[float], samples: int, seed: int) -> tuple[float, list[float]]:

@@ -3,8 +3,10 @@
 Both models answer the same prompts with the same sampling settings and seed. Outputs in
 `<run_dir>/eval/`:
 - `generations.jsonl`: per prompt `prompt`, `ref_response`, `policy_response`, `ref_score`,
-  `policy_score` (reward model), `ref_gold`, `policy_gold` (gold judge), `kl` (sum over the
-  policy's response tokens of log π - log π_ref), `ref_length`, `policy_length`;
+  `policy_score` (reward model), `ref_gold`, `policy_gold` (gold judge), `kl` (the policy's KL to the
+  reference along its answer: the full-vocabulary KL at each response position, summed), `kl_sampled` (the
+  sum over the answer's tokens of log π - log π_ref, the k1 estimate of the same), `ref_length`,
+  `policy_length`;
 - `metrics.json`: the aggregates documented in `METRICS` below;
 - `samples.jsonl`: the first 64 rows again, with `step`, as logged to W&B as a table;
 - `checkpoints.jsonl` (with `eval.checkpoints: true`): the metrics of every kept PPO checkpoint
@@ -37,14 +39,14 @@ from tqdm.auto import tqdm
 from rlhf.checkpoints import checkpoint_loads, policy_from_checkpoint, trained_updates
 from rlhf.config import PipelineConfig, config_yaml
 from rlhf.eval_math import (METRICS, best_of_n_frontier, best_of_n_kl, best_of_n_log_n_at_kl,  # noqa: F401
-                             best_of_n_picks, best_of_n_point, bon_gold_at_kl, bon_metrics, distinct_n, win_rate)
+                             best_of_n_picks, best_of_n_point, bon_gold_at_kl, bon_metrics, distinct_n, standard_error,
+                             win_rate)
 from rlhf.generation import Responses, decode_responses, left_pad, sample, stop_token_ids
 from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
-from rlhf.ppo_core import zero_masked
-from rlhf.ppo_models import Sequences
+from rlhf.ppo_core import exact_kl_from_logits, logprobs_from_logits, zero_masked
+from rlhf.ppo_models import Sequences, response_forward
 from rlhf.prompts import encode_config_prompts, load_prompts, prompt_text
 from rlhf.report import write_report
-from rlhf.rollout import forward_tokens
 from rlhf.stages import require_done
 from rlhf.tracking import Tracker
 from rlhf.utils import TrainingFault, atomic_write_json, fault_context, warn, write_jsonl
@@ -54,11 +56,29 @@ from reward_models.model import load_scorer
 BON_SEED_OFFSET = 1_000_003  # seed of the best-of-n samples' random stream, apart from the eval answers'
 
 
-def sequence_logprobs(model, seqs: Sequences, responses: Responses, temperature: float,
-                      batch_size: int) -> torch.Tensor:
-    """Per-token logprobs (B, R) of the responses under `model`, 0 after the stop token."""
-    logprobs, _, _ = forward_tokens(None, seqs, responses.ids, temperature, batch_size, lm=model)
-    return zero_masked(logprobs, responses.mask)
+def answer_logprobs(policy, reference, seqs: Sequences, responses: Responses, temperature: float,
+                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token logprobs (B, R) of the responses under the policy, the same under the reference, exact KL
+    (B, R) of the policy to the reference at each response position), all 0 after the stop token.
+
+    The exact KL sums π (log π − log π_ref) over the whole vocabulary at each position, both at the sampling
+    temperature. Its masked sum over an answer is an unbiased estimate of the sequence KL, like the sampled
+    (k1) sum of log π − log π_ref over the answer's tokens, with a smaller variance: the k1 sum also carries
+    the luck of each sampled token. `batch_size` rows per forward, at most 16: the two (b, R, V) float32
+    distributions stay small."""
+    step = max(1, min(batch_size, 16))
+    lps, ref_lps, kls = [], [], []
+    with torch.no_grad():
+        for i in range(0, responses.ids.shape[0], step):
+            part, ids = seqs.rows(slice(i, i + step)), responses.ids[i:i + step]
+            logits, ref_logits = response_forward(policy, part)[0], response_forward(reference, part)[0]
+            ref_full = torch.log_softmax(ref_logits.float() / temperature, dim=-1)  # (b, R, V)
+            lps.append(logprobs_from_logits(logits, ids, temperature))
+            ref_lps.append(torch.gather(ref_full, -1, ids.unsqueeze(-1)).squeeze(-1))
+            kls.append(exact_kl_from_logits(logits, ref_full, temperature))
+            del logits, ref_logits, ref_full
+    mask = responses.mask
+    return tuple(zero_masked(torch.cat(x), mask) for x in (lps, ref_lps, kls))
 
 
 def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineConfig, device, desc: str,
@@ -78,19 +98,21 @@ def sample_batches(model, tokenizer, prompt_ids: list[list[int]], cfg: PipelineC
 
 
 def policy_answers(policy, reference, tokenizer, prompt_ids, cfg: PipelineConfig, device, desc: str):
-    """Per batch of the eval's policy answers: (Responses, per-token logprobs (B, R) under the policy, and
-    under the reference), 0 after the stop token."""
+    """Per batch of the eval's policy answers: (Responses, per-token logprobs (B, R) under the policy, the same
+    under the reference, exact per-position KL (B, R)), 0 after the stop token (see `answer_logprobs`)."""
     temp = 1.0 if cfg.eval.greedy else cfg.eval.temperature
     for ids, mask, responses in sample_batches(policy, tokenizer, prompt_ids, cfg, device, desc):
-        args = (Sequences.join(ids, mask, responses.ids, responses.mask), responses, temp, cfg.eval.batch_size)
-        yield responses, sequence_logprobs(policy, *args), sequence_logprobs(reference, *args)
+        seqs = Sequences.join(ids, mask, responses.ids, responses.mask)
+        yield responses, *answer_logprobs(policy, reference, seqs, responses, temp, cfg.eval.batch_size)
 
 
 def measure_policy(policy, reference, tokenizer, prompt_ids, cfg: PipelineConfig, device, desc: str) -> dict:
-    """The policy's responses, their length, and their per-sequence logprob under policy and reference."""
-    r: dict[str, list] = {"texts": [], "length": [], "kl": [], "ref_logprob": []}
-    for responses, lp, ref_lp in policy_answers(policy, reference, tokenizer, prompt_ids, cfg, device, desc):
-        r["kl"] += (lp - ref_lp).sum(1).tolist()
+    """The policy's responses, their length, their KL to the reference (exact per position, and sampled) and
+    their logprob under the reference."""
+    r: dict[str, list] = {"texts": [], "length": [], "kl": [], "kl_sampled": [], "ref_logprob": []}
+    for responses, lp, ref_lp, kl in policy_answers(policy, reference, tokenizer, prompt_ids, cfg, device, desc):
+        r["kl"] += kl.sum(1).tolist()
+        r["kl_sampled"] += (lp - ref_lp).sum(1).tolist()
         r["ref_logprob"] += ref_lp.sum(1).tolist()
         r["texts"] += decode_responses(tokenizer, responses)
         r["length"] += responses.lengths.tolist()
@@ -102,7 +124,8 @@ def summarize(cfg: PipelineConfig, ref: dict, pol: dict) -> dict[str, Any]:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     metrics: dict[str, Any] = {
         "num_prompts": len(pol["texts"]), "policy_score": mean(pol["score"]), "ref_score": mean(ref["score"]),
-        "kl": mean(pol["kl"]), "policy_length": mean(pol["length"]), "ref_length": mean(ref["length"]),
+        "kl": mean(pol["kl"]), "kl_se": standard_error(pol["kl"]), "kl_sampled": mean(pol["kl_sampled"]),
+        "policy_length": mean(pol["length"]), "ref_length": mean(ref["length"]),
         "policy_distinct_1": distinct_n(pol["texts"], 1), "policy_distinct_2": distinct_n(pol["texts"], 2),
         "ref_distinct_1": distinct_n(ref["texts"], 1), "ref_distinct_2": distinct_n(ref["texts"], 2),
         "policy_ppl_under_ref": math.exp(-sum(pol["ref_logprob"]) / max(sum(pol["length"]), 1)),
@@ -176,7 +199,7 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
         rows = [{"prompt": prompt_text(enc.prompts[i]), "ref_response": ref["texts"][i],
                  "policy_response": pol["texts"][i], "ref_score": ref["score"][i], "policy_score": pol["score"][i],
                  "ref_gold": ref["gold"][i] if judge else None, "policy_gold": pol["gold"][i] if judge else None,
-                 "kl": pol["kl"][i], "ref_length": ref["length"][i], "policy_length": pol["length"][i]}
+                 "kl": pol["kl"][i], "kl_sampled": pol["kl_sampled"][i], "ref_length": ref["length"][i], "policy_length": pol["length"][i]}
                 for i in range(len(enc.prompts))]
         results[name] = (summarize(cfg, ref, pol), rows)
     return results, bon

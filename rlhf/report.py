@@ -239,14 +239,15 @@ def frontier_sentence(rows: Sequence[dict[str, Any]], metrics: dict[str, Any]) -
     if not bon or not all(_finite(x) for x in (kl, gold, bon_gold)):
         return ""
     diff = gold - bon_gold
+    se = f" ± {metrics['kl_se']:.2g}" if _finite(metrics.get("kl_se")) else ""  # one standard error
     lead = f"{'ahead' if diff > 0 else 'behind' if diff < 0 else 'level'}" + (f" by {abs(diff):.3g}" if diff else "")
     if metrics.get("bon_policy_kl_beyond_range"):
         n_equal = math.exp(min(best_of_n_log_n_at_kl(kl), 700.0))
-        return (f"The PPO policy's KL of {kl:.3g} nats is beyond the largest n sampled: best-of-{bon[-1]['n']} reaches "
+        return (f"The PPO policy's KL of {kl:.3g}{se} nats is beyond the largest n sampled: best-of-{bon[-1]['n']} reaches "
                 f"gold {bon_gold:.3g} at {bon[-1]['kl']:.3g} nats, the PPO policy {gold:.3g} ({lead}), and "
                 f"best-of-n would need n ≈ {n_equal:,.0f} to spend the same KL.")
     n_equal = math.exp(best_of_n_log_n_at_kl(kl))
-    return (f"At its KL of {kl:.3g} nats the PPO policy reaches gold {gold:.3g}; best-of-n from the reference "
+    return (f"At its KL of {kl:.3g}{se} nats the PPO policy reaches gold {gold:.3g}; best-of-n from the reference "
             f"reaches {bon_gold:.3g} at the same KL (n ≈ {n_equal:.3g}, interpolated in log n): PPO is {lead}.")
 
 

@@ -18,7 +18,7 @@ from rlhf.stages import STAGES
 from rlhf.utils import read_jsonl
 
 GENERATION_KEYS = {"prompt", "ref_response", "policy_response", "ref_score", "policy_score", "ref_gold",
-                   "policy_gold", "kl", "ref_length", "policy_length"}
+                   "policy_gold", "kl", "kl_sampled", "ref_length", "policy_length"}
 
 
 def _finite(x) -> bool:
@@ -117,6 +117,10 @@ def test_eval_outputs(tiny_run_dir, tiny_cfg):
     metrics = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics) == set(METRICS)  # the tiny config has a gold judge: every documented metric
     assert metrics["num_prompts"] == len(rows)
+    assert all(r["kl"] >= 0 for r in rows)  # exact per position: never negative, unlike the sampled estimate
+    for key in ("kl", "kl_sampled"):
+        assert metrics[key] == pytest.approx(sum(r[key] for r in rows) / len(rows), rel=1e-9)
+    assert 0 < metrics["kl_se"] < metrics["kl"]
     for key in ("win_rate_gold_ci", "win_rate_rm_ci"):
         lo, hi = metrics[key]
         assert 0 <= lo <= metrics[key[:-3]] <= hi <= 1

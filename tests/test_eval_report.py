@@ -285,6 +285,7 @@ def test_frontier_sentence_within_and_without_gold():
         "At its KL of 1.2 nats the PPO policy reaches gold 0.65; best-of-n from the reference reaches 0.7 at the "
         "same KL (n ≈ 8, interpolated in log n): PPO is behind by 0.05.")
     assert frontier_sentence(rows, {**metrics, "policy_gold": 0.7}).endswith("PPO is level.")
+    assert frontier_sentence(rows, {**metrics, "kl_se": 0.134}).startswith("At its KL of 1.2 ± 0.13 nats the PPO")
     assert frontier_sentence(rows, {"kl": 1.0, "policy_gold": 0.5}) == ""  # no bon_gold_at_policy_kl: no gold
 
 
