@@ -13,9 +13,8 @@ skips the best-of-n samples (`eval.best_of_n=[]`): they do not depend on the pol
 frontier is the one every trial is read against (same reward model, reference, prompts and seed).
 
 Each trial appends one row to `<base>-study/results.jsonl`: held-out gold, KL (exact per position, and the
-sampled k1 estimate), RM score, gold win rate,
-length, distinct-2, the last rollout's gold and KL, the updates trained (fewer than `ppo.num_updates` where
-`ppo.stop_kl` ended PPO early) and the stage seconds. `--table` prints the base run and every trial as a
+sampled k1 estimate), RM score, gold win rate, length, distinct-2, the last rollout's gold and KL, the
+updates trained (fewer than `ppo.num_updates` where `ppo.stop_kl` ended PPO early) and the stage seconds. `--table` prints the base run and every trial as a
 Markdown table, with the best-of-n gold at each one's KL and the largest n's gold, both from the base run's
 frontier (or, while the base has no eval, from the first trial that sampled the best-of-n answers).
 
@@ -65,7 +64,8 @@ def trial_row(trial: Path, name: str, overrides: list[str]) -> dict:
     return {
         "name": name, "overrides": overrides,
         "gold": metrics["policy_gold"], "ref_gold": metrics["ref_gold"], "kl": metrics["kl"],
-        "kl_sampled": metrics.get("kl_sampled"), "score": metrics["policy_score"], "win_rate_gold": metrics["win_rate_gold"],
+        "kl_sampled": metrics.get("kl_sampled"), "score": metrics["policy_score"],
+        "win_rate_gold": metrics["win_rate_gold"],
         "policy_length": metrics["policy_length"], "distinct_2": metrics["policy_distinct_2"],
         "rollout_gold_last": ppo_log[-1].get("objective/gold"), "rollout_kl_last": ppo_log[-1].get("objective/kl"),
         "updates": trained_updates(trial / "ppo", len(ppo_log)),  # `ppo.stop_kl` may end PPO early

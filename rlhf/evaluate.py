@@ -199,7 +199,8 @@ def evaluate_policies(cfg: PipelineConfig, policies: dict[str, Any], reward_dir:
         rows = [{"prompt": prompt_text(enc.prompts[i]), "ref_response": ref["texts"][i],
                  "policy_response": pol["texts"][i], "ref_score": ref["score"][i], "policy_score": pol["score"][i],
                  "ref_gold": ref["gold"][i] if judge else None, "policy_gold": pol["gold"][i] if judge else None,
-                 "kl": pol["kl"][i], "kl_sampled": pol["kl_sampled"][i], "ref_length": ref["length"][i], "policy_length": pol["length"][i]}
+                 "kl": pol["kl"][i], "kl_sampled": pol["kl_sampled"][i], "ref_length": ref["length"][i],
+                 "policy_length": pol["length"][i]}
                 for i in range(len(enc.prompts))]
         results[name] = (summarize(cfg, ref, pol), rows)
     return results, bon
