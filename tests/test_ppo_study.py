@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlhf.eval_math import bon_gold_at_kl
@@ -64,11 +65,13 @@ def test_kl_breakdown_resamples_the_eval_answers_and_splits_their_kl(tiny_run_di
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
     lines = proc.stdout.splitlines()
-    assert f"sequence KL {metrics['kl']:.2f} nats over {metrics['num_prompts']} answers, " \
+    # the same answers as the eval's: their sampled KL, and the exact KL that eval reports as `kl`
+    assert f"sequence KL {metrics['kl_sampled']:.2f} nats over {metrics['num_prompts']} answers, " \
            f"{metrics['policy_length']:.1f} tokens each" in lines[0]
     exact = next(line for line in lines if line.startswith("Exact KL over the vocabulary"))
     nats, share = float(exact.split(": ")[1].split(" nats")[0]), float(exact.split("sharpening ")[1].split("%")[0])
-    assert nats >= 0 and 0 <= share <= 100, exact  # sharpening: at most the KL it is part of
+    assert nats == pytest.approx(metrics["kl"], abs=0.011), exact
+    assert 0 <= share <= 100, exact  # sharpening: at most the KL it is part of
     first = lines.index("| response tokens | share of the KL | KL per token |")
     by_position = lines[first + 2:lines.index("", first)]
     assert by_position[0].startswith("| 1-1 |")
