@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from typing import Any
 
 METRICS = {
@@ -44,11 +45,7 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 def standard_error(xs: list[float]) -> float:
     """Standard error of the mean of xs (0 for fewer than two)."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    mean = sum(xs) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
 
 
 def win_rate(a: list[float], b: list[float], samples: int, seed: int) -> tuple[float, list[float]]:
