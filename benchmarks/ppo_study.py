@@ -132,7 +132,7 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
     import torch
 
     from rlhf.config import load_config
-    from rlhf.evaluate import eval_prompts, policy_answers
+    from rlhf.evaluate import eval_prompts, final_policy, policy_answers
     from rlhf.generation import left_pad
     from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
     from rlhf.ppo_models import Sequences
@@ -143,7 +143,7 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
     dtype = default_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
     enc = encode_config_prompts(cfg, eval_prompts(cfg), tokenizer)
-    policy = load_causal_lm(str(run / "ppo" / "policy"), dtype, cfg.model.trust_remote_code).to(device).eval()
+    policy = final_policy(cfg, run / "ppo", dtype).to(device).eval()
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
     kls, masks, tokens, split = [], [], [], torch.zeros(4, dtype=torch.float64)
     answers = policy_answers(policy, reference, tokenizer, enc.input_ids, cfg, device, "policy")

@@ -22,10 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rlhf.models import load_causal_lm
+from rlhf.models import cast_parameters, load_causal_lm
 from rlhf.distributed import (SPLIT_ENGINES, engine, engine_checkpoints, full_weights, gather_rng_states,
                               set_rng_state, whole_copy)
-from rlhf.ppo_models import PolicyAndValue, add_lora
+from rlhf.ppo_models import PolicyAndValue, add_lora, merge_lora, rounding_generator
 from rlhf.utils import UserError, atomic_dir, atomic_write_json, fsync_dir, fsync_tree, read_jsonl, warn
 
 LOGS = ("metrics.jsonl", "samples.jsonl")
@@ -205,15 +205,17 @@ def save_final_policy(accelerator, cfg, model: PolicyAndValue, tokenizer, out: P
     it. Sharded weights are gathered, and the main process copies them into a policy of its own to save."""
     policy = whole_copy(accelerator, model, model.policy, lambda: fresh_policy(cfg, dtype))
     if accelerator.is_main_process:
-        save_policy(policy, tokenizer, out, cfg.ppo.merge_lora)
+        save_policy(policy, tokenizer, out, cfg.ppo.merge_lora, rounding_generator(cfg.run.seed, "cpu"))
     accelerator.wait_for_everyone()
 
 
-def save_policy(policy, tokenizer, out: Path, merge_lora: bool) -> None:
-    """A policy (LoRA merged when asked) as a plain HF causal-LM folder with its tokenizer and chat template."""
+def save_policy(policy, tokenizer, out: Path, merge: bool, generator: torch.Generator) -> None:
+    """A policy (LoRA merged when asked, see `merge_lora`; `generator` draws its roundings) as a plain HF
+    causal-LM folder with its tokenizer and chat template."""
     with atomic_dir(out) as tmp:
-        if hasattr(policy, "merge_and_unload") and merge_lora:
-            copy.deepcopy(policy).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        if hasattr(policy, "merge_and_unload") and merge:
+            merged = merge_lora(copy.deepcopy(policy).cpu(), generator)
+            merged.save_pretrained(tmp, safe_serialization=True)
         else:
             policy.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -227,8 +229,9 @@ def fresh_policy(cfg, dtype):
 
 
 def policy_from_checkpoint(cfg, ckpt: Path, dtype):
-    """The policy of a PPO checkpoint as a plain causal LM (base weights + saved trainable weights)."""
-    policy = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code)
+    """The policy of a PPO checkpoint as a plain causal LM in `dtype` (base weights + saved trainable weights,
+    which are fp32: narrowed by stochastic rounding, see `merge_lora`)."""
+    policy = load_causal_lm(cfg.model.policy, dtype if cfg.ppo.lora else torch.float32, cfg.model.trust_remote_code)
     if cfg.ppo.lora:
         policy = add_lora(policy, cfg.ppo)
     weights = {k[len("policy."):]: v for k, v in load_file(str(ckpt / "trainable.safetensors")).items()
@@ -237,4 +240,5 @@ def policy_from_checkpoint(cfg, ckpt: Path, dtype):
     if missing:
         raise RuntimeError(f"checkpoint {ckpt} lacks policy weights (e.g. {sorted(missing)[0]})")
     policy.load_state_dict(weights, strict=False)
-    return policy.merge_and_unload() if cfg.ppo.lora else policy
+    rounding = rounding_generator(cfg.run.seed, "cpu")
+    return merge_lora(policy, rounding) if cfg.ppo.lora else cast_parameters(policy, dtype, rounding)

@@ -42,9 +42,9 @@ from rlhf.eval_math import (METRICS, best_of_n_frontier, best_of_n_kl, best_of_n
                              best_of_n_picks, best_of_n_point, bon_gold_at_kl, bon_metrics, distinct_n, standard_error,
                              win_rate)
 from rlhf.generation import Responses, decode_responses, left_pad, sample, stop_token_ids
-from rlhf.models import default_dtype, load_causal_lm, load_tokenizer, stage_device
+from rlhf.models import cast_parameters, default_dtype, load_causal_lm, load_tokenizer, stage_device
 from rlhf.ppo_core import exact_kl_from_logits, logprobs_from_logits, zero_masked
-from rlhf.ppo_models import Sequences, response_forward
+from rlhf.ppo_models import Sequences, response_forward, rounding_generator
 from rlhf.prompts import encode_config_prompts, load_prompts, prompt_text
 from rlhf.report import write_report
 from rlhf.stages import require_done
@@ -213,6 +213,13 @@ def eval_prompts(cfg: PipelineConfig) -> list[Any]:
     return load_prompts(source, cfg.data.prompt_column, split, cfg.eval.num_prompts)
 
 
+def final_policy(cfg: PipelineConfig, ppo_dir: Path, dtype: torch.dtype):
+    """The PPO stage's saved policy in `dtype`: read in fp32 and narrowed by stochastic rounding, as PPO's
+    sampler is (`sync_sampler`; a bf16-saved policy reads back exactly)."""
+    policy = load_causal_lm(str(ppo_dir / "policy"), torch.float32, cfg.model.trust_remote_code)
+    return cast_parameters(policy, dtype, rounding_generator(cfg.run.seed, "cpu"))
+
+
 def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
     """The eval stage (see the module docstring)."""
     reward_dir = require_done(cfg, run_dir, "reward", "eval") / "model"
@@ -230,7 +237,7 @@ def run_eval(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                 warn(f"checkpoint {ckpt} is damaged (its files do not load): not evaluated")
                 continue
             policies[ckpt.name] = lambda dtype, ckpt=ckpt: policy_from_checkpoint(cfg, ckpt, dtype)
-    policies["final"] = lambda dtype: load_causal_lm(str(ppo_dir / "policy"), dtype, cfg.model.trust_remote_code)
+    policies["final"] = lambda dtype: final_policy(cfg, ppo_dir, dtype)
     with fault_context("eval"):
         results, bon = evaluate_policies(cfg, policies, reward_dir, prompts, device)
     frontier = best_of_n_frontier(bon, cfg.eval.best_of_n) if bon else None

@@ -195,13 +195,38 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
     return model
 
 
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype,
+                    generator: torch.Generator | None = None) -> torch.nn.Module:
     """Cast floating-point parameters only, as `from_pretrained(dtype=...)` does: buffers such as RoPE's
-    inverse frequencies stay float32 (`model.to(bf16)` would round them, shifting every position's angle)."""
+    inverse frequencies stay float32 (`model.to(bf16)` would round them, shifting every position's angle).
+    With a `generator`, narrowing casts round stochastically (`round_stochastic`)."""
     for param in model.parameters():
         if param.is_floating_point():
-            param.data = param.data.to(dtype)
+            param.data = param.data.to(dtype) if generator is None else round_stochastic(param.data, dtype, generator)
     return model
+
+
+def round_stochastic(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """`x` in `dtype`, each value rounded to one of its two neighbours in `dtype` at random, with the odds that
+    keep it unbiased: E[result] = x. A widening cast is exact and left to `Tensor.to`.
+
+    Round-to-nearest maps w + d back to w wherever |d| is under half a step of `dtype` at w (a step of bf16 is
+    1/128 to 1/256 of the value): a bf16 copy of trained fp32 weights, or of a bf16 base plus a LoRA delta,
+    silently drops the part of the update below that step, every time, in the same direction. Stochastic
+    rounding keeps the update on average, at the price of a noise of about half a step, independent across
+    weights, which the sums in every matmul average away."""
+    if not (x.is_floating_point() and dtype.is_floating_point) or torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
+        return x.to(dtype)
+    if x.dtype == torch.float32 and dtype == torch.bfloat16:  # bf16 is fp32's top half: add random low bits, cut
+        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+        return noise.add_(x.view(torch.int32)).bitwise_and_(-(1 << 16)).view(torch.float32).to(dtype)
+    near = x.to(dtype)
+    err = x - near.to(x.dtype)
+    toward = torch.full_like(near, float("inf")).where(err >= 0, float("-inf"))
+    other = torch.nextafter(near, toward)  # the neighbour on the other side of x
+    odds = err.abs() / (other.to(x.dtype) - near.to(x.dtype)).abs()
+    draw = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.where(draw < odds, other, near)
 
 
 def set_training_attention(model, device: torch.device | str) -> None:

@@ -29,7 +29,7 @@ from rlhf.distributed import (broadcast_trained_weights, configure_deepspeed, de
                               start_accelerator, sum_over_processes)
 from rlhf.generation import stop_token_ids
 from rlhf.models import default_dtype, stage_device
-from rlhf.ppo_models import build_models, sync_sampler
+from rlhf.ppo_models import build_models, rounding_generator, sync_sampler
 from rlhf.prompts import EncodedPrompts, encode_config_prompts, load_prompts, prompt_text
 from rlhf.rollout import KeptForward, Rollout, collect_rollout
 from rlhf.stages import require_done, stage_identity
@@ -70,7 +70,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
         t0, where = time.perf_counter(), f"ppo update {update + 1}"
         if models.sampler is not None:  # generation samples from the weights being trained
             with full_weights(accelerator, trained, trained.policy):  # FSDP2 / ZeRO-3: gathered from the shards
-                sync_sampler(models.sampler, trained.policy)
+                rounding = rounding_generator(ppo_seed(cfg), accelerator.device, update)
+                sync_sampler(models.sampler, trained.policy, rounding)
         # 1. this process's prompts, 2. rollout, 3. advantages
         local = schedule.batch(update)[accelerator.process_index * sizes.local_batch_size:][:sizes.local_batch_size]
         with accelerator.autocast(), fault_context(where):

@@ -2,9 +2,10 @@
 
 `build_models` returns what DESIGN detail 8 describes: the trained `PolicyAndValue` (policy, LoRA or
 not, and a value head or a separate critic), the frozen reference (a copy, or the policy with its
-adapters disabled), and a plain generation copy in the run's dtype. `Sequences` holds a batch as every
-model reads it (ids, attention mask, position ids, built once); `response_forward` is the forward all of
-them share: trunk over the whole sequence, LM head only on the response positions.
+adapters disabled), and a plain generation copy in the run's dtype (rounded stochastically, see
+`sync_sampler`). `Sequences` holds a batch as every model reads it (ids, attention mask, position ids,
+built once); `response_forward` is the forward all of them share: trunk over the whole sequence, LM head
+only on the response positions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer, set_training_attention
+from rlhf.models import (load_causal_lm, load_reward_model, load_tokenizer, round_stochastic, same_tokenizer,
+                         set_training_attention)
 
 
 class Sequences(NamedTuple):
@@ -191,8 +193,14 @@ def build_models(cfg, reward_dir: Path, device, dtype, sharded: bool = False) ->
         # a strided last-position slice, and with a frozen 3-D input/weight pair `matmul` copies the head
         # once per row (sampling measured ~25% slower on the CPU; see `response_states`).
         sampler = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
-        sync_sampler(sampler, policy)
+        sync_sampler(sampler, policy, rounding_generator(cfg.run.seed, device))
     return PPOModels(model, ref_policy, sampler, tokenizer)
+
+
+def rounding_generator(seed: int, device, update: int = 0) -> torch.Generator:
+    """The random stream of stochastic rounding (`round_stochastic`) at a PPO update, apart from every other stream
+    of the run, and the same on every process (their samplers hold the same weights)."""
+    return torch.Generator(torch.device(device)).manual_seed((seed + 7_000_003) * 1_000_003 + update)
 
 
 def needs_sampler(pc, dtype: torch.dtype, sharded: bool = False) -> bool:
@@ -210,18 +218,38 @@ def reuses_sampling_logprobs(pc, dtype: torch.dtype) -> bool:
 
 
 @torch.no_grad()
-def sync_sampler(sampler, policy) -> None:
-    """Copy the trained weights into the generation copy: W for full fine-tuning, W + BA for LoRA."""
+def sync_sampler(sampler, policy, generator: torch.Generator) -> None:
+    """Copy the trained weights into the generation copy: W for full fine-tuning, W + BA for LoRA, rounded
+    stochastically when the copy's dtype is narrower (`round_stochastic`: with round-to-nearest the bf16
+    copy would drop every part of the update below half a bf16 step, and sample from a policy that lags the
+    trained one). `generator` draws the roundings, on the copy's device."""
     if not hasattr(policy, "get_base_model"):
         for target, source in zip(sampler.parameters(), policy.parameters()):
-            target.copy_(source)
+            target.copy_(round_stochastic(source, target.dtype, generator))
         return
+    for name, weight in lora_merged_weights(policy):
+        target = sampler.get_submodule(name).weight
+        target.copy_(round_stochastic(weight, target.dtype, generator))
+
+
+@torch.no_grad()
+def merge_lora(policy, generator: torch.Generator):
+    """A LoRA policy as a plain model: W + BA computed in fp32 and stored in the base's dtype, rounded
+    stochastically where that is narrower (see `sync_sampler`; peft's `merge_and_unload` adds in the base's
+    dtype, rounding to nearest). Changes `policy`'s base model in place and returns it."""
+    for name, weight in lora_merged_weights(policy):  # one layer at a time: W + BA is computed before W changes
+        base = policy.get_base_model().get_submodule(name).base_layer
+        base.weight.copy_(round_stochastic(weight, base.weight.dtype, generator))
+    return policy.unload()
+
+
+def lora_merged_weights(policy):
+    """(name of the layer in the base model, W + BA in fp32) for each LoRA layer of `policy`."""
     from peft.tuners.lora import LoraLayer  # peft: only LoRA runs need it
 
     prefix = "base_model.model."
     for name, module in policy.named_modules():
         if isinstance(module, LoraLayer):
-            target = sampler.get_submodule(name[len(prefix):] if name.startswith(prefix) else name)
-            delta = module.get_delta_weight(module.active_adapter[0] if isinstance(module.active_adapter, list)
-                                            else module.active_adapter)
-            target.weight.copy_(module.base_layer.weight.float() + delta.float())
+            adapter = module.active_adapter[0] if isinstance(module.active_adapter, list) else module.active_adapter
+            merged = module.base_layer.weight.float() + module.get_delta_weight(adapter).float()
+            yield name[len(prefix):] if name.startswith(prefix) else name, merged
