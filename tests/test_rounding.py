@@ -117,3 +117,42 @@ def test_eval_reads_an_fp32_policy_into_bf16_keeping_its_update(tmp_path):
     read = final_policy(load_config("configs/tiny.yaml"), tmp_path / "ppo", torch.bfloat16)
     assert read.dtype == torch.bfloat16
     assert kept(dict(read.named_parameters()), base, delta) == pytest.approx(1.0, abs=0.1)
+
+
+def test_bf16_rounding_benchmark_on_a_tiny_lora_checkpoint(tmp_path):
+    """benchmarks/bf16_rounding.py on a PPO checkpoint of tiny-llama whose LoRA update is ~1/10 of a bf16 step:
+    round-to-nearest keeps part of it, stochastic rounding all of it, and every KL it prints is a number."""
+    import re
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from rlhf.config import save_config
+
+    run = tmp_path / "run"
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={run}", "ppo.lora=true"])
+    (run / "ppo" / "checkpoints" / "step_00002").mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    policy = add_lora(load_causal_lm("tiny-llama", torch.bfloat16), cfg.ppo)
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_()
+    weights = [w for n, w in policy.get_base_model().state_dict().items() if "base_layer" in n]
+    update = [w - policy.get_base_model().get_submodule(n).base_layer.weight.float()
+              for n, w in lora_merged_weights(policy)]
+    scale = 0.1 * torch.finfo(torch.bfloat16).eps * (sum(w.float().abs().mean() for w in weights) / len(weights)) \
+        / (sum(u.abs().mean() for u in update) / len(update))
+    state = {f"policy.{n}": (p.data * scale if "lora_B" in n else p.data).contiguous()
+             for n, p in policy.named_parameters() if p.requires_grad}
+    save_file(state, str(run / "ppo" / "checkpoints" / "step_00002" / "trainable.safetensors"))
+
+    proc = subprocess.run([sys.executable, "benchmarks/bf16_rounding.py", str(run)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept_share = {k: float(v) for k, v in re.findall(r"(\w+): keeps ([\d.]+) of the update", proc.stdout)}
+    assert kept_share["nearest"] < 0.9 and kept_share["stochastic"] == pytest.approx(1.0, abs=0.1)
+    kls = re.findall(r"^KL\((.+)\) = (-?[\d.]+) nats$", proc.stdout, re.M)
+    assert len(kls) == 6 and all(float(v) > -0.01 for _, v in kls)
+    assert len(re.findall(r"^sampler refresh, (nearest|stochastic): [\d.]+ s", proc.stdout, re.M)) == 2
