@@ -206,6 +206,9 @@ class PPOConfig:
     """Weight of the exact per-token KL(π ‖ π_ref), summed over the vocabulary at each response position and
     averaged over tokens, in the policy loss, on top of the KL penalty in the reward (0: off). It holds every
     token's probability near the reference's, not only the sampled ones'."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the policy loss: the policy's entropy over the vocabulary at each response
+    position, averaged over tokens, is subtracted (0: off). It works against the sharpening part of the KL."""
     adaptive_kl: bool = False
     """Adapt β towards `target_kl` (Ziegler et al. 2019)."""
     target_kl: float = 6.0
@@ -513,7 +516,8 @@ RANGES = {
     "ppo.warmup_steps": ">= 0", "ppo.max_grad_norm": "> 0", "ppo.max_new_tokens": "> 0", "ppo.min_new_tokens": ">= 0",
     "ppo.temperature": "> 0", "ppo.missing_eos_penalty": ">= 0", "ppo.kl_coef": ">= 0", "ppo.target_kl": "> 0",
     "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.cliprange": "(0, 1)",
-    "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.kl_loss_coef": ">= 0", "ppo.score_clip": "> 0",
+    "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.kl_loss_coef": ">= 0", "ppo.entropy_coef": ">= 0",
+    "ppo.score_clip": "> 0",
     "ppo.critic_warmup_updates": ">= 0", "ppo.samples_per_prompt": "> 0", "ppo.stop_kl": "> 0",
     "ppo.lora_r": "> 0", "ppo.lora_alpha": "> 0", "ppo.save_every": "> 0", "ppo.keep_checkpoints": "> 0",
     "ppo.sample_every": "> 0",

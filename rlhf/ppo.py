@@ -299,6 +299,9 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                         stats.setdefault("policy/exact_kl", []).append(exact_kl.item())
                     else:
                         policy_term = pg_loss
+                    if cfg.entropy_coef > 0:  # entropy bonus over the vocabulary at each response position
+                        entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits, cfg.temperature), mask)
+                        policy_term = policy_term - cfg.entropy_coef * entropy
                     loss = (policy_term if train_policy else 0.0) + cfg.vf_coef * vf_loss
                     if not torch.isfinite(loss):
                         raise TrainingFault(f"loss is {loss.item()} (policy {pg_loss.item()}, value {vf_loss.item()}) "
@@ -314,8 +317,12 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                         scheduler.step()
                         scale_lr(optimizer, scheduler, lr_scale)
                     optimizer.zero_grad()
-                with torch.no_grad():
-                    entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits.detach(), cfg.temperature), mask)
+                if cfg.entropy_coef > 0:
+                    entropy = entropy.detach()
+                else:
+                    with torch.no_grad():
+                        entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits.detach(), cfg.temperature),
+                                                       mask)
                 for key, value in (("loss/policy", pg_loss), ("policy/entropy", entropy),
                                    ("policy/approxkl", pg_stats["approxkl"]), ("policy/clipfrac", pg_stats["clipfrac"]),
                                    ("val/ratio", pg_stats["ratio"])):

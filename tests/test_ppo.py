@@ -235,6 +235,20 @@ def test_exact_kl_loss_holds_the_policy_near_the_reference(upstream, tmp_path, l
     assert kl(held_rows) < 0.5 * kl(free_rows), (kl(held_rows), kl(free_rows))
 
 
+def test_entropy_bonus_keeps_the_policy_from_sharpening(upstream, tmp_path):
+    """`ppo.entropy_coef` subtracts the policy's entropy over the vocabulary from the loss: the same run, seed and
+    first rollout otherwise, trains a policy of higher entropy at every update, rising towards the maximum
+    (the tiny random model starts near uniform: a wrong sign would lower it)."""
+    settings = [JUDGE, "ppo.num_updates=6", "ppo.save_every=6", "ppo.lora=true", "ppo.lora_r=4"]
+    _, plain = ppo_run(upstream, tmp_path / "plain", *settings)
+    _, bonus = ppo_run(upstream, tmp_path / "bonus", *settings, "ppo.entropy_coef=10")
+    plain_rows, bonus_rows = metrics(plain), metrics(bonus)
+    assert bonus_rows[0]["objective/entropy"] == plain_rows[0]["objective/entropy"]  # the same first rollout
+    plain_h, bonus_h = ([r["policy/entropy_avg"] for r in rows] for rows in (plain_rows, bonus_rows))
+    assert all(b > p for b, p in zip(bonus_h, plain_h)), (bonus_h, plain_h)
+    assert bonus_h == sorted(bonus_h) and bonus_h[-1] > plain_h[-1] + 0.01, (bonus_h, plain_h)
+
+
 def test_lora_mode_saves_merged_policy(upstream, tmp_path):
     from transformers import AutoModelForCausalLM
 
