@@ -299,7 +299,8 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                         stats.setdefault("policy/exact_kl", []).append(exact_kl.item())
                     else:
                         policy_term = pg_loss
-                    if cfg.entropy_coef > 0:  # entropy bonus over the vocabulary at each response position
+                    entropy = None
+                    if cfg.entropy_coef > 0 and train_policy:  # entropy bonus over the vocabulary at each position
                         entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits, cfg.temperature), mask)
                         policy_term = policy_term - cfg.entropy_coef * entropy
                     loss = (policy_term if train_policy else 0.0) + cfg.vf_coef * vf_loss
@@ -317,9 +318,7 @@ def ppo_update(model, optimizer, scheduler, rollout: Rollout, cfg, sizes, accele
                         scheduler.step()
                         scale_lr(optimizer, scheduler, lr_scale)
                     optimizer.zero_grad()
-                if cfg.entropy_coef > 0:
-                    entropy = entropy.detach()
-                else:
+                if entropy is None:
                     with torch.no_grad():
                         entropy = ppo_core.masked_mean(ppo_core.entropy_from_logits(logits.detach(), cfg.temperature),
                                                        mask)
