@@ -150,7 +150,7 @@ def main():
 
     tok = AutoTokenizer.from_pretrained(a.model)
     pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
-    load = dict(dtype=torch.float32)
+    load = dict(dtype=torch.float32, use_kernels=False)  # as rlhf's loader: no Hub kernels
     policy = AutoModelForCausalLM.from_pretrained(a.model, **load)
     ref = AutoModelForCausalLM.from_pretrained(a.model, **load)
     reward = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, **load)

@@ -54,7 +54,8 @@ def convert_gguf(package_dir: Path, gguf_file: str, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32,
+                                                      use_kernels=False)
     config = AutoConfig.from_pretrained(package_dir, gguf_file=gguf_file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -165,10 +166,13 @@ def default_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
 
 
 def _from_pretrained(cls, name: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
+    """Safetensors weights only, and no Hub kernels: transformers 5.25 turns them on by default where the
+    `kernels` package is installed, and on a GPU `model.train()` then fetches layers from the Hub (offline it
+    fails; online the numbers depend on downloaded code)."""
     path = resolve_model(name)
     try:
         return cls.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, use_kernels=False, **kwargs
         )
     except OSError as e:
         raise UserError(f"cannot load model {name!r} (only safetensors weights are loaded): "

@@ -129,6 +129,16 @@ def test_stop_token_ids_extras():
         stop_token_ids(tok, ["good day"])
 
 
+def test_models_load_without_hub_kernels(model_name):
+    """transformers 5.25 turns Hub kernels on by default where `kernels` is installed (the test extras have it),
+    and on a GPU `train()` then fetches layers from the Hub: offline that failed the reward stage on cuda. The
+    loaders turn them off, and a policy put in training mode stays off."""
+    policy, reward = load_causal_lm(model_name), load_reward_model(model_name)
+    assert not getattr(policy, "use_kernels", False) and not getattr(reward, "use_kernels", False)
+    policy.train()
+    assert not getattr(policy, "use_kernels", False)
+
+
 def test_causal_lm_loads_and_generates(model_name):
     tok = load_tokenizer(model_name)
     model = load_causal_lm(model_name)
