@@ -130,7 +130,7 @@ def test_stop_token_ids_extras():
 
 
 def test_models_load_without_hub_kernels(model_name):
-    """transformers 5.25 turns Hub kernels on by default where `kernels` is installed (the test extras have it),
+    """transformers 5.25 turns Hub kernels on by default where `kernels` is installed (5.25 requires it),
     and on a GPU `train()` then fetches layers from the Hub: offline that failed the reward stage on cuda. The
     loaders turn them off, and a policy put in training mode stays off."""
     policy, reward = load_causal_lm(model_name), load_reward_model(model_name)
