@@ -18,6 +18,15 @@ updates trained (fewer than `ppo.num_updates` where `ppo.stop_kl` ended PPO earl
 Markdown table, with the best-of-n gold at each one's KL and the largest n's gold, both from the base run's
 frontier (or, while the base has no eval, from the first trial that sampled the best-of-n answers).
 
+`--interpolate A [A ...]` evaluates a finished run's final policy moved along the straight line between the
+reference's weights and its own, W_ref + A (W_policy - W_ref): A < 1 towards the reference, A > 1 beyond the
+policy. Each point is measured as the eval stage measures the policy (same prompts, seeds and sampling; exact
+KL; RM score; gold) and is printed with the best-of-n gold at its KL from the run's frontier.
+
+`--land KL [KL ...]` does what `ppo.land_kl` does (rlhf.landing) to a finished run's final policy, in a scratch
+copy, for each KL, and evaluates the landed policy as `--interpolate` does; a trial's folder
+(`<base>-study/<name>`) can be given as the run, and is read against the base run's frontier.
+
 `--kl-breakdown` says where a finished run's KL goes: it samples the eval stage's policy answers again
 (the same prompts, settings and seeds, so the same tokens), takes log π − log π_ref per token, and prints
 the KL by response position and the tokens that carry the most of it. It also reads the exact KL over the
@@ -182,6 +191,78 @@ def kl_breakdown(run: Path, top: int = 15) -> None:
               f"| {sum(values) / len(values):.2f} |")
 
 
+def interpolate(run: Path, alphas: list[float]) -> None:
+    """Evaluate `run`'s final policy interpolated towards (alpha < 1) or extrapolated away from (alpha > 1) the
+    reference in weight space, on the eval stage's prompts and settings; print one row per alpha."""
+    import torch
+
+    from rlhf.config import load_config
+    from rlhf.evaluate import eval_prompts, evaluate_policies
+    from rlhf.models import cast_parameters, load_causal_lm, stage_device
+    from rlhf.ppo_models import rounding_generator
+
+    cfg = load_config(run / "config.yaml", ["eval.best_of_n=[]", "tracking.wandb=off"])
+
+    def load(alpha: float):
+        def build(dtype):
+            policy = load_causal_lm(str(run / "ppo" / "policy"), torch.float32, cfg.model.trust_remote_code)
+            reference = load_causal_lm(cfg.model.policy, torch.float32, cfg.model.trust_remote_code)
+            ref_params = dict(reference.named_parameters())
+            with torch.no_grad():
+                for name, param in policy.named_parameters():
+                    param.lerp_(ref_params[name].to(param.dtype), 1.0 - alpha)  # ref + alpha (policy - ref)
+            return cast_parameters(policy, dtype, rounding_generator(cfg.run.seed, "cpu"))
+        return build
+
+    results, _ = evaluate_policies(cfg, {f"alpha={a:g}": load(a) for a in alphas}, run / "reward" / "model",
+                                   eval_prompts(cfg), stage_device(cfg))
+    points = base_frontier(run)
+    print("| alpha | gold | KL | KL (k1) | RM score | gold win rate | best-of-n gold at its KL |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (m, _) in results.items():
+        bon_gold, beyond = bon_gold_at_kl(points, m["kl"])
+        print(f"| {name.split('=')[1]} | {m['policy_gold']:.3f} | {m['kl']:.2f} | {m['kl_sampled']:.2f} "
+              f"| {m['policy_score']:.2f} | {m['win_rate_gold']:.2f} | {bon_gold:.3f}{' (beyond)' if beyond else ''} |",
+              flush=True)
+
+
+def land(run: Path, targets: list[float]) -> None:
+    """Land a finished run's final policy at each KL of `targets` as `ppo.land_kl` does (rlhf.landing, on
+    training prompts), in a scratch copy, and evaluate it on the eval stage's prompts and settings; print one
+    row per target."""
+    import tempfile
+
+    from rlhf.config import load_config
+    from rlhf.evaluate import eval_prompts, evaluate_policies, final_policy
+    from rlhf.landing import land_policy
+    from rlhf.models import default_dtype, load_tokenizer, stage_device
+    from rlhf.ppo import ppo_seed, training_prompts
+
+    cfg = load_config(run / "config.yaml", ["eval.best_of_n=[]", "tracking.wandb=off"])
+    device = stage_device(cfg)
+    dtype = default_dtype(cfg.model.dtype, device)
+    tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
+    prompt_ids = training_prompts(cfg, tokenizer).input_ids
+    points = base_frontier(run if (run / "eval" / "frontier.jsonl").exists() else run.parent.with_name(
+        run.parent.name.removesuffix("-study")))
+    print("| land_kl | alpha | KL on training prompts (at alpha = 1, expected) | gold | KL | KL (k1) | RM score "
+          "| gold win rate | best-of-n gold at its KL |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for target in targets:
+        cfg.ppo.land_kl = target
+        with tempfile.TemporaryDirectory(dir=run, prefix=".land.") as tmp:
+            ppo_dir = Path(tmp) / "ppo"
+            shutil.copytree(run / "ppo" / "policy", ppo_dir / "policy")
+            landing = land_policy(cfg, ppo_dir / "policy", prompt_ids, tokenizer, device, dtype, ppo_seed(cfg))
+            results, _ = evaluate_policies(cfg, {"landed": lambda dtype: final_policy(cfg, ppo_dir, dtype)},
+                                           run / "reward" / "model", eval_prompts(cfg), device)
+        m = results["landed"][0]
+        bon_gold, beyond = bon_gold_at_kl(points, m["kl"])
+        print(f"| {target:g} | {landing['alpha']:.3f} | {landing['steps'][0]['kl']:.2f}, {landing['kl_expected']:.2f} "
+              f"| {m['policy_gold']:.3f} | {m['kl']:.2f} | {m['kl_sampled']:.2f} | {m['policy_score']:.2f} "
+              f"| {m['win_rate_gold']:.2f} | {bon_gold:.3f}{' (beyond)' if beyond else ''} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("base", type=Path, help="a finished run directory (all four stages done)")
@@ -189,12 +270,22 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--table", action="store_true", help="print the results so far and exit")
     p.add_argument("--kl-breakdown", action="store_true", help="where the base run's KL goes, and exit")
+    p.add_argument("--interpolate", type=float, nargs="+", metavar="A",
+                   help="evaluate the run's final policy at W_ref + A (W_policy - W_ref), and exit")
+    p.add_argument("--land", type=float, nargs="+", metavar="KL",
+                   help="land the run's final policy at each KL as ppo.land_kl does, evaluate it, and exit")
     args = p.parse_args()
     base = args.base.resolve()
     study = base.with_name(base.name + "-study")
     results = study / "results.jsonl"
     if args.kl_breakdown:
         kl_breakdown(base)
+        return
+    if args.interpolate:
+        interpolate(base, args.interpolate)
+        return
+    if args.land:
+        land(base, args.land)
         return
     if args.table:
         rows = [json.loads(line) for line in results.read_text().splitlines()]

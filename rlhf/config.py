@@ -223,6 +223,10 @@ class PPOConfig:
     stop_kl_brake: bool = False
     """With `stop_kl`: each update's learning rate is the schedule's times 1 - KL / `stop_kl` (at most 1), from
     the KL of that update's rollout, so PPO slows down as it nears the stop instead of overshooting it."""
+    land_kl: float | None = None
+    """After training, scale the policy's change from the reference's weights, W_ref + α (W_policy − W_ref), so
+    that its exact KL to the reference on training prompts is this many nats (rlhf.landing; α at most 1.25;
+    null: the trained policy as it is). Where PPO lands varies with its random stream; this sets it."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -519,7 +523,7 @@ RANGES = {
     "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.cliprange": "(0, 1)",
     "ppo.cliprange_value": "> 0", "ppo.vf_coef": ">= 0", "ppo.kl_loss_coef": ">= 0", "ppo.entropy_coef": ">= 0",
     "ppo.score_clip": "> 0",
-    "ppo.critic_warmup_updates": ">= 0", "ppo.samples_per_prompt": "> 0", "ppo.stop_kl": "> 0",
+    "ppo.critic_warmup_updates": ">= 0", "ppo.samples_per_prompt": "> 0", "ppo.stop_kl": "> 0", "ppo.land_kl": "> 0",
     "ppo.lora_r": "> 0", "ppo.lora_alpha": "> 0", "ppo.save_every": "> 0", "ppo.keep_checkpoints": "> 0",
     "ppo.sample_every": "> 0",
     "eval.num_prompts": ">= 0", "eval.max_new_tokens": "> 0", "eval.temperature": "> 0", "eval.batch_size": "> 0",

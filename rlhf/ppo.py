@@ -6,8 +6,9 @@
 `run_ppo` reads top to bottom: collect a rollout (rlhf.rollout) -> KL-shaped rewards and GAE advantages
 -> PPO epochs over mini-batches -> log -> checkpoint (rlhf.checkpoints). The math is in rlhf.ppo_core,
 the models in rlhf.ppo_models. Outputs, published as `<run_dir>/ppo/` when the stage finishes:
-`policy/` (a plain HF causal LM, LoRA merged), `checkpoints/step_NNNNN/` (the last `keep_checkpoints`),
-`metrics.jsonl` and `samples.jsonl`. A killed run restarted with the same command resumes from its last
+`policy/` (a plain HF causal LM, LoRA merged; with `ppo.land_kl`, moved to that KL: rlhf.landing),
+`checkpoints/step_NNNNN/` (the last `keep_checkpoints`), `metrics.jsonl`, `samples.jsonl` and, with
+`ppo.land_kl`, `landing.json`. A killed run restarted with the same command resumes from its last
 checkpoint.
 """
 
@@ -28,6 +29,7 @@ from rlhf.distributed import (broadcast_trained_weights, configure_deepspeed, de
                               gather_over_processes, global_mean, local_tensor, shards_weights, single_process_warning,
                               start_accelerator, sum_over_processes)
 from rlhf.generation import stop_token_ids
+from rlhf.landing import land_policy
 from rlhf.models import default_dtype, stage_device
 from rlhf.ppo_models import build_models, rounding_generator, sync_sampler
 from rlhf.prompts import EncodedPrompts, encode_config_prompts, load_prompts, prompt_text
@@ -105,6 +107,18 @@ def run_ppo(cfg: PipelineConfig, run_dir: Path, out: Path) -> Path:
                                 fingerprint, keep=pc.keep_checkpoints)
 
     save_final_policy(accelerator, cfg, trained, models.tokenizer, out / "policy", dtype)
+    if pc.land_kl is not None:  # 6. move the saved policy to ppo.land_kl nats from the reference (rlhf.landing)
+        if accelerator.is_main_process:
+            with fault_context("ppo landing"):
+                landing = land_policy(cfg, out / "policy", enc.input_ids, models.tokenizer, accelerator.device, dtype,
+                                      ppo_seed(cfg))
+            tracker.log_summary({"land/alpha": landing["alpha"], "land/kl_trained": landing["steps"][0]["kl"],
+                                 "land/kl_expected": landing["kl_expected"]})
+            capped = " (capped)" if landing["capped"] else ""
+            print(f"ppo: landed at alpha={landing['alpha']:.3f}{capped}: exact KL on {landing['prompts']} training "
+                  f"prompts {landing['steps'][0]['kl']:.2f} nats as trained, {landing['kl_expected']:.2f} expected "
+                  f"(target {pc.land_kl:g})", file=sys.stderr)
+        accelerator.wait_for_everyone()
     tracker.finish()
     return out / "policy"
 

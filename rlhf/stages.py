@@ -54,7 +54,7 @@ NO_EFFECT = ("run.name", "run.output_dir", "run.device", "run.threads", "ppo.sam
 # Settings added after runs were made, each with the value that computes what those runs computed: a finished
 # stage whose record lacks one of them, now at that value, is still done (its fingerprint differs, its work not).
 ADDED_SETTINGS = {"ppo.kl_loss_coef": 0.0, "ppo.samples_per_prompt": 1, "ppo.stop_kl": None, "ppo.stop_kl_brake": False,
-                  "ppo.entropy_coef": 0.0}
+                  "ppo.entropy_coef": 0.0, "ppo.land_kl": None}
 # Fields that name files, folders, modules or hub repositories, whose contents enter the fingerprint.
 SOURCE_FIELDS = {"model.policy": "model", "reward.backbone": "model", "data.train_prompts": "data",
                  "data.test_prompts": "data", "eval.prompts": "data", "prefs.dataset": "data",

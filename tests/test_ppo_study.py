@@ -119,3 +119,29 @@ def test_without_a_base_eval_the_table_reads_the_first_trial_that_sampled_best_o
     (tmp_path / "base-study" / "with-bon" / "eval" / "frontier.jsonl").unlink()
     proc = study(str(base), "--table")
     assert proc.returncode != 0 and "frontier.jsonl is missing" in proc.stderr
+
+
+def test_interpolate_goes_from_the_reference_to_the_evaluated_policy(tiny_run_dir):
+    """alpha = 0 is the reference (KL 0, its own gold); alpha = 1 is the final policy the eval measured."""
+    proc = study(str(tiny_run_dir), "--interpolate", "0", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")}
+    assert rows["0"][:2] == [f"{metrics['ref_gold']:.3f}", "0.00"]
+    assert rows["1"][:5] == [f"{metrics['policy_gold']:.3f}", f"{metrics['kl']:.2f}", f"{metrics['kl_sampled']:.2f}",
+                             f"{metrics['policy_score']:.2f}", f"{metrics['win_rate_gold']:.2f}"]
+
+
+def test_land_lands_a_copy_of_the_final_policy_and_leaves_the_run_as_it_was(tiny_run_dir):
+    policy = tiny_run_dir / "ppo" / "policy" / "model.safetensors"
+    before = policy.read_bytes()
+    metrics = json.loads((tiny_run_dir / "eval" / "metrics.json").read_text())
+    target = round(metrics["kl"] / 2, 2)
+    proc = study(str(tiny_run_dir), "--land", str(target))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {target:g} |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert 0 < float(cells[1]) < 1 and cells[2].endswith(f", {target:.2f}")  # alpha; expected KL on training prompts
+    assert float(cells[4]) == pytest.approx(target, rel=0.25)  # held out: other prompts, other answers
+    assert policy.read_bytes() == before and not list(tiny_run_dir.glob(".land.*"))
