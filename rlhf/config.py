@@ -585,6 +585,9 @@ def validate(cfg: PipelineConfig) -> None:
             f"ppo.critic_warmup_updates={cfg.ppo.critic_warmup_updates} leaves no policy updates "
             f"(ppo.num_updates={cfg.ppo.num_updates})"
         )
+    if cfg.ppo.land_kl is not None and cfg.ppo.lora and not cfg.ppo.merge_lora:
+        raise ConfigError("ppo.land_kl moves the saved policy's weights, and an unmerged LoRA policy is an adapter: "
+                          "set ppo.merge_lora: true (or leave ppo.land_kl unset)")
     if cfg.ppo.stop_kl_brake and cfg.ppo.stop_kl is None:
         raise ConfigError("ppo.stop_kl_brake slows PPO down as its KL nears ppo.stop_kl: set ppo.stop_kl too")
     if cfg.ppo.value_model == "none":

@@ -86,7 +86,7 @@ def land_policy(cfg, policy_dir: Path, prompt_ids: list[list[int]], tokenizer, d
     reference = load_causal_lm(cfg.model.policy, dtype, cfg.model.trust_remote_code).to(device).eval()
 
     def at(alpha: float):
-        trained.float()  # in place: the weights are written anew below, then narrowed to `dtype`
+        trained.cpu().float()  # in place: written anew below, then narrowed to `dtype` with a CPU generator
         with torch.no_grad():
             for name, p in trained.named_parameters():
                 p.copy_(torch.lerp(base[name], weights[name], alpha))  # W_ref + α (W_policy − W_ref)

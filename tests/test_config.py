@@ -494,3 +494,14 @@ def test_save_config_of_defaults_round_trip(tmp_path):
     save_config(PipelineConfig(), path)
     assert load_config(path) == PipelineConfig()
     assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(PipelineConfig)}
+
+
+def test_land_kl_needs_a_merged_policy_and_a_positive_kl():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["ppo.land_kl=5.8", "ppo.lora=true", "ppo.merge_lora=false"])
+    assert "ppo.land_kl" in one_line(e) and "ppo.merge_lora" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["ppo.land_kl=0"])
+    assert "ppo.land_kl" in one_line(e)
+    assert load_config(None, ["ppo.land_kl=5.8", "ppo.lora=false", "ppo.merge_lora=false"]).ppo.land_kl == 5.8
+    assert load_config(None, ["ppo.land_kl=5.8", "ppo.lora=true"]).ppo.land_kl == 5.8
