@@ -385,6 +385,58 @@ def test_stop_kl_brake_scales_each_updates_learning_rate_by_its_kl(upstream, tmp
     assert rows_b[1]["lr"] < rows_a[1]["lr"] and rows_b[-1]["objective/kl"] != rows_a[-1]["objective/kl"]
 
 
+def test_land_kl_moves_the_saved_policy_along_the_line_from_the_reference_to_that_kl(upstream, tmp_path):
+    """`ppo.land_kl`: training is unchanged; the saved policy is W_ref + α (W_trained − W_ref), with α chosen on
+    training prompts so that the exact KL there is the target, and `landing.json` says how."""
+    from rlhf.landing import LAND_PROMPTS, LAND_SEED_OFFSET, measure_kl
+
+    overrides = [JUDGE, "ppo.num_updates=6"]
+    cfg_a, dir_a = ppo_run(upstream, tmp_path / "a", *overrides)
+    tokenizer = load_tokenizer(cfg_a.model.policy)
+    prompt_ids = ppo.training_prompts(cfg_a, tokenizer).input_ids[:LAND_PROMPTS]
+    reference = load_causal_lm(cfg_a.model.policy).eval()
+
+    def kl_of(policy_dir) -> float:
+        policy = load_causal_lm(str(policy_dir)).eval()
+        return measure_kl(policy, reference, prompt_ids, tokenizer, cfg_a.ppo, "cpu",
+                          ppo.ppo_seed(cfg_a) + LAND_SEED_OFFSET)[0]
+
+    trained_kl = kl_of(dir_a / "ppo" / "policy")
+    target = trained_kl / 2
+    _, dir_b = ppo_run(upstream, tmp_path / "b", *overrides, f"ppo.land_kl={target}")
+    same = lambda row: {k: v for k, v in row.items() if k.startswith(("objective/", "loss/"))}  # noqa: E731
+    assert [same(r) for r in metrics(dir_b)] == [same(r) for r in metrics(dir_a)]  # the same training
+    landing = json.loads((dir_b / "ppo" / "landing.json").read_text())
+    assert landing["target_kl"] == target and landing["prompts"] == len(prompt_ids)
+    assert landing["steps"][0]["alpha"] == 1.0 and landing["steps"][0]["kl"] == pytest.approx(trained_kl, rel=1e-5)
+    alpha = landing["alpha"]
+    assert 0.5 < alpha < 0.9 and not landing["capped"]
+
+    base = load_causal_lm(cfg_a.model.policy).state_dict()
+    trained = load_causal_lm(str(dir_a / "ppo" / "policy")).state_dict()
+    landed = load_causal_lm(str(dir_b / "ppo" / "policy")).state_dict()
+    moved = [k for k in landed if not torch.equal(trained[k], base[k])]
+    assert moved
+    for k in moved:
+        torch.testing.assert_close(landed[k], base[k] + alpha * (trained[k] - base[k]), rtol=1e-5, atol=1e-6)
+    assert kl_of(dir_b / "ppo" / "policy") == pytest.approx(target, rel=0.1)
+
+
+def test_next_scale_follows_kl_as_a_power_of_alpha_up_to_the_cap():
+    from rlhf.landing import LAND_MAX_SCALE, growth_exponent, next_scale
+
+    assert next_scale(1.0, 8.0, 2.0) == pytest.approx(0.5)
+    assert next_scale(0.5, 1.0, 4.0) == pytest.approx(1.0)
+    assert next_scale(1.0, 8.0, 1.0, exponent=3.0) == pytest.approx(0.5)
+    assert next_scale(1.0, 1.0, 4.0) == LAND_MAX_SCALE  # 2.0 wanted: a policy that moved too little is not blown up
+    assert next_scale(1.0, 0.0, 4.0) == LAND_MAX_SCALE and next_scale(1.0, -0.1, 4.0) == LAND_MAX_SCALE
+    step = lambda alpha, kl: {"alpha": alpha, "kl": kl}  # noqa: E731
+    assert growth_exponent([step(1.0, 6.0)]) == 2.0
+    assert growth_exponent([step(1.0, 8.0), step(0.5, 8.0 / 0.5 ** -1.5)]) == pytest.approx(1.5)
+    assert growth_exponent([step(1.0, 8.0), step(0.5, 7.9)]) == 1.0  # clamped to [1, 3]
+    assert growth_exponent([step(1.0, 8.0), step(1.0, 7.0)]) == 2.0  # the same alpha twice: nothing to fit
+
+
 def test_scale_lr_sets_the_schedules_rate_times_the_factor():
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
@@ -717,54 +769,3 @@ def test_a_kept_rollout_forward_is_the_first_epochs_forward(tmp_path, value_mode
     assert moved > 0  # the update did change weights
     assert passes1 == passes0 - 1  # the first epoch's forward was not computed again
 
-
-def test_land_kl_moves_the_saved_policy_along_the_line_from_the_reference_to_that_kl(upstream, tmp_path):
-    """`ppo.land_kl`: training is unchanged; the saved policy is W_ref + α (W_trained − W_ref), with α chosen on
-    training prompts so that the exact KL there is the target, and `landing.json` says how."""
-    from rlhf.landing import LAND_PROMPTS, LAND_SEED_OFFSET, measure_kl
-
-    overrides = [JUDGE, "ppo.num_updates=6"]
-    cfg_a, dir_a = ppo_run(upstream, tmp_path / "a", *overrides)
-    tokenizer = load_tokenizer(cfg_a.model.policy)
-    prompt_ids = ppo.training_prompts(cfg_a, tokenizer).input_ids[:LAND_PROMPTS]
-    reference = load_causal_lm(cfg_a.model.policy).eval()
-
-    def kl_of(policy_dir) -> float:
-        policy = load_causal_lm(str(policy_dir)).eval()
-        return measure_kl(policy, reference, prompt_ids, tokenizer, cfg_a.ppo, "cpu",
-                          ppo.ppo_seed(cfg_a) + LAND_SEED_OFFSET)[0]
-
-    trained_kl = kl_of(dir_a / "ppo" / "policy")
-    target = trained_kl / 2
-    _, dir_b = ppo_run(upstream, tmp_path / "b", *overrides, f"ppo.land_kl={target}")
-    same = lambda row: {k: v for k, v in row.items() if k.startswith(("objective/", "loss/"))}  # noqa: E731
-    assert [same(r) for r in metrics(dir_b)] == [same(r) for r in metrics(dir_a)]  # the same training
-    landing = json.loads((dir_b / "ppo" / "landing.json").read_text())
-    assert landing["target_kl"] == target and landing["prompts"] == len(prompt_ids)
-    assert landing["steps"][0]["alpha"] == 1.0 and landing["steps"][0]["kl"] == pytest.approx(trained_kl, rel=1e-5)
-    alpha = landing["alpha"]
-    assert 0.5 < alpha < 0.9 and not landing["capped"]
-
-    base = load_causal_lm(cfg_a.model.policy).state_dict()
-    trained = load_causal_lm(str(dir_a / "ppo" / "policy")).state_dict()
-    landed = load_causal_lm(str(dir_b / "ppo" / "policy")).state_dict()
-    moved = [k for k in landed if not torch.equal(trained[k], base[k])]
-    assert moved
-    for k in moved:
-        torch.testing.assert_close(landed[k], base[k] + alpha * (trained[k] - base[k]), rtol=1e-5, atol=1e-6)
-    assert kl_of(dir_b / "ppo" / "policy") == pytest.approx(target, rel=0.1)
-
-
-def test_next_scale_follows_kl_as_a_power_of_alpha_up_to_the_cap():
-    from rlhf.landing import LAND_MAX_SCALE, growth_exponent, next_scale
-
-    assert next_scale(1.0, 8.0, 2.0) == pytest.approx(0.5)
-    assert next_scale(0.5, 1.0, 4.0) == pytest.approx(1.0)
-    assert next_scale(1.0, 8.0, 1.0, exponent=3.0) == pytest.approx(0.5)
-    assert next_scale(1.0, 1.0, 4.0) == LAND_MAX_SCALE  # 2.0 wanted: a policy that moved too little is not blown up
-    assert next_scale(1.0, 0.0, 4.0) == LAND_MAX_SCALE and next_scale(1.0, -0.1, 4.0) == LAND_MAX_SCALE
-    step = lambda alpha, kl: {"alpha": alpha, "kl": kl}  # noqa: E731
-    assert growth_exponent([step(1.0, 6.0)]) == 2.0
-    assert growth_exponent([step(1.0, 8.0), step(0.5, 8.0 / 0.5 ** -1.5)]) == pytest.approx(1.5)
-    assert growth_exponent([step(1.0, 8.0), step(0.5, 7.9)]) == 1.0  # clamped to [1, 3]
-    assert growth_exponent([step(1.0, 8.0), step(1.0, 7.0)]) == 2.0  # the same alpha twice: nothing to fit
