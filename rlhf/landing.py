@@ -97,11 +97,11 @@ def land_policy(cfg, policy_dir: Path, prompt_ids: list[list[int]], tokenizer, d
         policy = at(alpha).to(device).eval()
         kl, se = measure_kl(policy, reference, prompts, tokenizer, pc, device, seed + LAND_SEED_OFFSET)
         steps.append({"alpha": alpha, "kl": kl, "kl_se": se})
-        alpha = next_scale(alpha, kl, pc.land_kl, growth_exponent(steps))
+        exponent = growth_exponent(steps)
+        alpha = next_scale(alpha, kl, pc.land_kl, exponent)
     policy = at(alpha).cpu()
     save_policy(policy, tokenizer, policy_dir, merge=False, generator=rounding_generator(cfg.run.seed, "cpu"))
     last = steps[-1]
-    exponent = growth_exponent(steps)
     landing = {"target_kl": pc.land_kl, "prompts": len(prompts), "steps": steps, "alpha": alpha,
                "growth_exponent": exponent, "kl_expected": last["kl"] * (alpha / last["alpha"]) ** exponent,
                "capped": alpha == LAND_MAX_SCALE}

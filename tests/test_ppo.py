@@ -768,4 +768,3 @@ def test_a_kept_rollout_forward_is_the_first_epochs_forward(tmp_path, value_mode
         moved += not torch.equal(p0, dict(base.named_parameters())[name])
     assert moved > 0  # the update did change weights
     assert passes1 == passes0 - 1  # the first epoch's forward was not computed again
-
